@@ -1,1 +1,31 @@
-//! placeholder
+//! The sample workload of the simulated cluster.
+//!
+//! One binary, three jobs:
+//! - [`serve`]: an HTTP/1.1 + h2c echo server that reports which pod answered, with
+//!   per-request and per-process failure injection, plus a raw TCP echo listener;
+//! - [`call`]: one HTTP request, printing the answer (a scriptable `curl`);
+//! - [`load`]: a load client that counts answers by status, pod and version and prints
+//!   one JSON [`load::Summary`].
+//!
+//! Every entry point takes a typed, validated config struct; [`cli`] turns command-line
+//! flags (with environment fallbacks) into those structs, so `main` only dispatches.
+#![forbid(unsafe_code)]
+
+pub mod call;
+pub mod cli;
+pub mod client;
+pub mod serve;
+pub mod load;
+
+/// Response header naming the pod that answered.
+pub const POD_HEADER: &str = "x-echo-pod";
+/// Response header naming the version of the workload that answered.
+pub const VERSION_HEADER: &str = "x-echo-version";
+/// Request header asking the server to answer with this status.
+pub const STATUS_HEADER: &str = "x-echo-status";
+/// Request header asking the server to wait this many milliseconds before answering.
+pub const DELAY_HEADER: &str = "x-echo-delay-ms";
+/// Path of the run-time failure-injection control endpoint.
+pub const CONTROL_PATH: &str = "/_echo/control";
+/// Path of the readiness endpoint (never subject to failure injection).
+pub const HEALTH_PATH: &str = "/_echo/health";

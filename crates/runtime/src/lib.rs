@@ -6,6 +6,9 @@
 //! `env` fallbacks do that once, at parse time.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod readiness;
+
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -95,6 +98,52 @@ pub fn shutdown_signal()
         tracing::info!(signal = ?which, "shutdown requested");
         which
     })
+}
+
+/// Where a long-running component serves readiness and its admin endpoints.
+#[derive(Clone, Debug, Args)]
+pub struct AdminArgs {
+    /// Address for `GET /healthz/ready` (Istio's readiness port is 15021).
+    #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: std::net::SocketAddr,
+    /// Address for the admin endpoints (`/config_dump`, …); keep it on loopback.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// The readiness and admin servers of one component, bound and serving.
+#[derive(Debug)]
+pub struct AdminServers {
+    pub readiness_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    readiness: admin::Serving,
+    admin: admin::Serving,
+}
+
+impl AdminServers {
+    /// Binds both listeners, then serves them. Readiness answers only
+    /// `/healthz/ready`; the admin listener answers it too, plus `routes`.
+    pub async fn start(
+        args: &AdminArgs,
+        readiness: &readiness::Readiness,
+        routes: Vec<admin::Route>,
+    ) -> Result<Self, admin::AdminError> {
+        let ready = admin::bind(args.readiness_addr, readiness.clone(), Vec::new()).await?;
+        let admin = admin::bind(args.admin_addr, readiness.clone(), routes).await?;
+        let (readiness_addr, admin_addr) = (ready.local_addr(), admin.local_addr());
+        tracing::info!(%readiness_addr, %admin_addr, "admin servers listening");
+        Ok(Self {
+            readiness_addr,
+            admin_addr,
+            readiness: ready.serve(),
+            admin: admin.serve(),
+        })
+    }
+
+    pub async fn shutdown(self) {
+        self.readiness.shutdown().await;
+        self.admin.shutdown().await;
+    }
 }
 
 /// Drain deadline flags shared by the proxies and the controller.

@@ -1,2 +1,89 @@
-#![no_std]
-#![no_main]
+//! Ambit's eBPF programs, built for `bpfel-unknown-none` by the daemon's `build.rs`
+//! (aya-build) and embedded in the daemon, which loads them with aya.
+//!
+//! Built for the host (as `cargo clippy --workspace` and `cargo test --workspace` do),
+//! the programs still type-check but the binary is an empty `main`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![expect(
+    unsafe_code,
+    reason = "eBPF programs read their kernel context through raw pointers and export \
+              unmangled symbols in named ELF sections"
+)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use ambit_ebpf_common::{CONNECT_COUNTS_MAX_ENTRIES, ConnectKey};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::{cgroup_sock_addr, map},
+    maps::HashMap,
+    programs::SockAddrContext,
+};
+
+/// Returned by `cgroup/connect4` to let the `connect()` proceed.
+const ALLOW: i32 = 1;
+
+/// `IPPROTO_TCP` from `<netinet/in.h>`.
+const IPPROTO_TCP: u32 = 6;
+
+/// TCP `connect()` calls per destination; the map name must equal
+/// [`ambit_ebpf_common::CONNECT_COUNTS_MAP`] (the daemon looks it up by that name).
+#[map]
+static CONNECT_COUNTS: HashMap<ConnectKey, u64> =
+    HashMap::with_max_entries(CONNECT_COUNTS_MAX_ENTRIES, 0);
+
+/// Counts TCP `connect()` calls from the attached cgroup per destination, and allows
+/// every one of them.
+///
+/// Named differently from its section (`connect4`): a function named like its own
+/// section clashes at link time.
+#[cgroup_sock_addr(connect4)]
+pub fn probe_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime; the
+    // verifier checks each field access (aligned 4-byte reads here).
+    let (protocol, ip, port) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.protocol, sa.user_ip4, sa.user_port)
+    };
+    if protocol == IPPROTO_TCP {
+        // `user_port` holds the port in network order in its low 16 bits.
+        count(&ConnectKey::new(ip, u16::from_be(port as u16)));
+    }
+    ALLOW
+}
+
+/// Adds one to the counter for `key`, creating it at 1 when absent.
+#[inline(always)]
+fn count(key: &ConnectKey) {
+    for _ in 0..2 {
+        if let Some(value) = CONNECT_COUNTS.get_ptr_mut(key) {
+            // SAFETY: the kernel returned a pointer to this entry's 8-byte, 8-aligned value,
+            // valid while the program runs; other CPUs may update it concurrently, hence
+            // the atomic add.
+            unsafe { AtomicU64::from_ptr(value) }.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Fails only when another CPU created the entry first (then add to it on the
+        // second pass) or the map is full (then the connect goes uncounted).
+        if CONNECT_COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
+            return;
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier rejects any program that could reach a panic; this is never called.
+    loop {}
+}
+
+/// The kernel only lets GPL-compatible programs call some helpers.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
