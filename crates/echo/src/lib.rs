@@ -14,8 +14,8 @@
 pub mod call;
 pub mod cli;
 pub mod client;
-pub mod serve;
 pub mod load;
+pub mod serve;
 
 /// Response header naming the pod that answered.
 pub const POD_HEADER: &str = "x-echo-pod";

@@ -30,7 +30,11 @@ pub struct ConnectKey {
 impl ConnectKey {
     /// Key for `ip:port` with the address bytes as they appear in `user_ip4`.
     pub const fn new(ip_network_order: u32, port: u16) -> Self {
-        Self { ip: ip_network_order, port, _pad: 0 }
+        Self {
+            ip: ip_network_order,
+            port,
+            _pad: 0,
+        }
     }
 
     /// The destination as a socket address.
@@ -48,7 +52,10 @@ impl From<SocketAddrV4> for ConnectKey {
 // SAFETY: `ConnectKey` is `repr(C)`, made of integers only, with every padding byte a
 // named field, so any 8 bytes are a valid value and it holds no pointers.
 #[cfg(feature = "user")]
-#[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait for map keys")]
+#[expect(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe marker trait for map keys"
+)]
 unsafe impl aya::Pod for ConnectKey {}
 
 const _: () = assert!(size_of::<ConnectKey>() == 8);

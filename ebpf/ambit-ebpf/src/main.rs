@@ -5,13 +5,21 @@
 //! the programs still type-check but the binary is an empty `main`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has no `AtomicU64::fetch_add` (no compare-and-swap in the target spec),
+// but LLVM lowers the intrinsic to BPF's native atomic add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        internal_features,
+        reason = "core_intrinsics for atomic_xadd, see above"
+    )
+)]
 #![expect(
     unsafe_code,
     reason = "eBPF programs read their kernel context through raw pointers and export \
               unmangled symbols in named ELF sections"
 )]
-
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use ambit_ebpf_common::{CONNECT_COUNTS_MAX_ENTRIES, ConnectKey};
 use aya_ebpf::{
@@ -59,16 +67,44 @@ fn count(key: &ConnectKey) {
     for _ in 0..2 {
         if let Some(value) = CONNECT_COUNTS.get_ptr_mut(key) {
             // SAFETY: the kernel returned a pointer to this entry's 8-byte, 8-aligned value,
-            // valid while the program runs; other CPUs may update it concurrently, hence
-            // the atomic add.
-            unsafe { AtomicU64::from_ptr(value) }.fetch_add(1, Ordering::Relaxed);
+            // valid while the program runs.
+            unsafe { atomic_add(value, 1) };
             return;
         }
         // Fails only when another CPU created the entry first (then add to it on the
         // second pass) or the map is full (then the connect goes uncounted).
-        if CONNECT_COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
+        if CONNECT_COUNTS
+            .insert(key, 1, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
             return;
         }
+    }
+}
+
+/// Adds `n` to `*dst` atomically: other CPUs may update the same counter concurrently.
+///
+/// # Safety
+///
+/// `dst` must be valid for reads and writes and 8-byte aligned.
+#[inline(always)]
+unsafe fn atomic_add(dst: *mut u64, n: u64) {
+    // SAFETY: the caller guarantees `dst` is valid and aligned.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        // The result is unused, so this is a plain `lock add` (no fetch), which every
+        // kernel with BPF atomics accepts.
+        let _: u64 = core::intrinsics::atomic_xadd::<
+            u64,
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(dst, n);
+    }
+    // SAFETY: the caller guarantees `dst` is valid and aligned.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        core::sync::atomic::AtomicU64::from_ptr(dst)
+            .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,382 @@
+//! Command-line flags (with environment fallbacks) and their conversion into the
+//! library's config structs. This is the only place that knows about flags or the
+//! environment.
+
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU64, NonZeroUsize},
+    time::Duration,
+};
+
+use ambit_runtime::{DrainArgs, LogArgs, parse_duration};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use http::Method;
+
+use crate::{
+    call::CallConfig,
+    client::{HeaderArg, Protocol, RequestSpec, RequestSpecError, Target},
+    load::{LoadConfig, LoadTarget, Stop},
+    serve::{FaultError, Faults, Identity, ServeConfig},
+};
+
+/// Sample workload for the Ambit simulated cluster: an HTTP/TCP echo server, a
+/// one-shot HTTP client and a load client.
+#[derive(Debug, Parser)]
+#[command(name = "ambit-echo")]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP/1.1 + h2c echo and TCP echo until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Send one HTTP request; print the response body to stdout and `HTTP <status>` to
+    /// stderr. Exits 1 when no response arrives (or the status differs from
+    /// --expect-status).
+    Call(CallArgs),
+    /// Generate load and print one JSON summary to stdout. Failed requests are counted
+    /// in the summary; the exit status is 1 only when the run could not happen.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Pod name reported in answers and the x-echo-pod header.
+    #[arg(long, env = "POD_NAME", default_value = "unknown")]
+    pub pod: String,
+    /// Namespace reported in answers.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Workload version reported in answers and the x-echo-version header.
+    #[arg(long = "version", env = "POD_VERSION", default_value = "unknown")]
+    pub version: String,
+    /// HTTP/1.1 and h2c listen address.
+    #[arg(long, env = "ECHO_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// TCP echo listen address.
+    #[arg(long, env = "ECHO_TCP_ADDR", default_value = "0.0.0.0:9090")]
+    pub tcp_addr: SocketAddr,
+    /// Fraction (0.0 to 1.0) of requests answered with --fail-status.
+    #[arg(long, env = "ECHO_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fail_rate)]
+    pub fail_rate: f64,
+    /// Status of injected failures (200 to 599).
+    #[arg(long, env = "ECHO_FAIL_STATUS", default_value_t = 503, value_parser = parse_fail_status)]
+    pub fail_status: u16,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// http:// URL to request.
+    pub url: Target,
+    /// Request header `name: value`; repeatable. A Host header overrides the URL's
+    /// authority.
+    #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
+    pub headers: Vec<HeaderArg>,
+    /// Request method.
+    #[arg(long, short = 'X', default_value = "GET", value_parser = parse_method)]
+    pub method: Method,
+    /// Speak HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+    /// Deadline for connecting and reading the whole response (e.g. 500ms, 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Request body.
+    #[arg(long, short = 'd')]
+    pub data: Option<String>,
+    /// Exit 1 unless the response has this status.
+    #[arg(long, value_name = "STATUS")]
+    pub expect_status: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub target: LoadTargetArgs,
+    /// Total number of requests (unless --duration is given).
+    #[arg(
+        short = 'n',
+        long = "requests",
+        default_value = "100",
+        conflicts_with = "duration"
+    )]
+    pub requests: NonZeroU64,
+    /// Run for this long instead of a request count (e.g. 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Number of workers, each with its own connection.
+    #[arg(short = 'c', long, default_value = "1")]
+    pub concurrency: NonZeroUsize,
+    /// Global request rate in requests per second, shared by all workers (request k is
+    /// scheduled at start + k/rate; late workers catch up back-to-back). Default:
+    /// as fast as the workers go.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// HTTP: speak HTTP/2 with prior knowledge (h2c).
+    #[arg(long, conflicts_with = "tcp")]
+    pub http2: bool,
+    /// HTTP: request header `name: value`; repeatable.
+    #[arg(
+        long = "header",
+        short = 'H',
+        value_name = "'NAME: VALUE'",
+        conflicts_with = "tcp"
+    )]
+    pub headers: Vec<HeaderArg>,
+    /// HTTP: request method.
+    #[arg(long, short = 'X', default_value = "GET", value_parser = parse_method, conflicts_with = "tcp")]
+    pub method: Method,
+    /// TCP: bytes per round trip.
+    #[arg(long, default_value = "64", conflicts_with = "url")]
+    pub size: NonZeroUsize,
+    /// Per-request deadline, including connecting when needed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Exactly one of --url and --tcp.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct LoadTargetArgs {
+    /// HTTP load against this http:// URL.
+    #[arg(long)]
+    pub url: Option<Target>,
+    /// TCP echo round trips against this host:port.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub tcp: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<ServeConfig, FaultError> {
+        Ok(ServeConfig {
+            identity: Identity {
+                pod: self.pod,
+                namespace: self.namespace,
+                version: self.version,
+            },
+            http_addr: self.http_addr,
+            tcp_addr: self.tcp_addr,
+            faults: Faults::new(self.fail_rate, self.fail_status)?,
+            drain_timeout: self.drain.drain_timeout,
+        })
+    }
+}
+
+impl CallArgs {
+    pub fn into_config(self) -> Result<CallConfig, RequestSpecError> {
+        let protocol = protocol(self.http2);
+        let body = self.data.map(Bytes::from).unwrap_or_default();
+        Ok(CallConfig {
+            request: RequestSpec::new(&self.url, protocol, self.method, self.headers, body)?,
+            timeout: self.timeout,
+        })
+    }
+}
+
+impl LoadArgs {
+    pub fn into_config(self) -> Result<LoadConfig, RequestSpecError> {
+        let target = match (self.target.url, self.target.tcp) {
+            (Some(url), _) => LoadTarget::Http(RequestSpec::new(
+                &url,
+                protocol(self.http2),
+                self.method,
+                self.headers,
+                Bytes::new(),
+            )?),
+            // clap requires exactly one of --url and --tcp.
+            (None, tcp) => LoadTarget::Tcp {
+                addr: tcp.unwrap_or_default(),
+                size: self.size,
+            },
+        };
+        let stop = match self.duration {
+            Some(d) => Stop::After(d),
+            None => Stop::Requests(self.requests),
+        };
+        Ok(LoadConfig {
+            target,
+            stop,
+            concurrency: self.concurrency,
+            rate: self.rate,
+            timeout: self.timeout,
+        })
+    }
+}
+
+fn protocol(http2: bool) -> Protocol {
+    if http2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    }
+}
+
+fn parse_fail_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    Faults::new(rate, 503)
+        .map(|f| f.fail_rate())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_fail_status(s: &str) -> Result<u16, String> {
+    let status: u16 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an HTTP status"))?;
+    Faults::new(0.0, status)
+        .map(|f| f.fail_status())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a positive number of requests per second"
+        )),
+    }
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::from_bytes(s.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("{s:?} is not an HTTP method"))
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        _ => Err(format!("{s:?} is not HOST:PORT")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ambit-echo").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_parse_and_validate() {
+        let cli = parse(&[
+            "serve",
+            "--pod",
+            "p-0",
+            "--namespace",
+            "ns",
+            "--version",
+            "v2",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--fail-rate",
+            "0.5",
+            "--fail-status",
+            "500",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let config = args.into_config().unwrap();
+        assert_eq!(config.identity.version, "v2");
+        assert_eq!(config.faults, Faults::new(0.5, 500).unwrap());
+
+        let err = parse(&["serve", "--fail-rate", "1.5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fail_rate 1.5 is not between"), "{err}");
+        let err = parse(&["serve", "--fail-status", "42"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fail_status 42"), "{err}");
+    }
+
+    #[test]
+    fn load_needs_exactly_one_target() {
+        assert!(parse(&["load"]).is_err());
+        assert!(parse(&["load", "--url", "http://a/", "--tcp", "a:1"]).is_err());
+        assert!(parse(&["load", "--tcp", "a"]).is_err());
+        assert!(parse(&["load", "--tcp", "a:1", "--http2"]).is_err());
+        assert!(parse(&["load", "--url", "http://a/", "--size", "8"]).is_err());
+        assert!(parse(&["load", "--url", "http://a/", "-n", "5", "--duration", "1s"]).is_err());
+        assert!(parse(&["load", "--url", "http://a/", "-c", "0"]).is_err());
+        assert!(parse(&["load", "--url", "http://a/", "--rate", "0"]).is_err());
+
+        let cli = parse(&["load", "--url", "http://a/"]).unwrap();
+        let Command::Load(args) = cli.command else {
+            panic!("not load")
+        };
+        let config = args.into_config().unwrap();
+        assert_eq!(config.stop, Stop::Requests(NonZeroU64::new(100).unwrap()));
+
+        let cli = parse(&[
+            "load",
+            "--tcp",
+            "a:1",
+            "--size",
+            "8",
+            "--duration",
+            "2s",
+            "-c",
+            "3",
+        ])
+        .unwrap();
+        let Command::Load(args) = cli.command else {
+            panic!("not load")
+        };
+        let config = args.into_config().unwrap();
+        assert_eq!(config.stop, Stop::After(Duration::from_secs(2)));
+        assert!(
+            matches!(config.target, LoadTarget::Tcp { ref addr, size } if addr == "a:1" && size.get() == 8)
+        );
+    }
+
+    #[test]
+    fn call_flags_parse() {
+        let cli = parse(&[
+            "call",
+            "http://a:8080/x",
+            "-H",
+            "x-a: 1",
+            "--header",
+            "x-b: 2",
+            "-X",
+            "post",
+            "--http2",
+            "--timeout",
+            "250ms",
+            "--data",
+            "hi",
+            "--expect-status",
+            "201",
+        ])
+        .unwrap();
+        let Command::Call(args) = cli.command else {
+            panic!("not call")
+        };
+        assert_eq!(args.headers.len(), 2);
+        assert_eq!(args.method, Method::POST);
+        assert_eq!(args.expect_status, Some(201));
+        let config = args.into_config().unwrap();
+        assert_eq!(config.timeout, Duration::from_millis(250));
+        assert_eq!(config.request.protocol(), Protocol::Http2);
+        assert!(parse(&["call", "https://a/"]).is_err());
+    }
+}
