@@ -47,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("fetching /config_dump from {admin}"))?;
             if !status.is_success() {
-                bail!("{admin}/config_dump answered {status}: {}", String::from_utf8_lossy(&body));
+                bail!(
+                    "{admin}/config_dump answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
             }
             println!("{}", String::from_utf8_lossy(&body).trim_end());
         }

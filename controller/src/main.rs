@@ -5,7 +5,9 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use ambit_runtime::{AdminArgs, AdminServers, DrainArgs, LogArgs, admin::Route, readiness::Readiness};
+use ambit_runtime::{
+    AdminArgs, AdminServers, DrainArgs, LogArgs, admin::Route, readiness::Readiness,
+};
 
 /// Controller configuration; every flag also reads an environment variable.
 #[derive(Clone, Debug, Parser, serde::Serialize)]
@@ -24,7 +26,11 @@ struct Config {
     #[arg(long, env = "CERT_TTL", default_value = "24h", value_parser = ambit_runtime::parse_duration)]
     cert_ttl: Duration,
     /// Where the generated root CA and other state are persisted (local mode).
-    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit/controller")]
+    #[arg(
+        long,
+        env = "AMBIT_STATE_DIR",
+        default_value = "/var/lib/ambit/controller"
+    )]
     state_dir: PathBuf,
     #[command(flatten)]
     #[serde(skip)]
@@ -51,7 +57,10 @@ async fn main() -> anyhow::Result<()> {
     let admin = AdminServers::start(
         &config.admin,
         &readiness,
-        vec![Route::json("/config_dump", move || serde_json::json!({ "config": &dump }))],
+        vec![Route::json(
+            "/config_dump",
+            move || serde_json::json!({ "config": &dump }),
+        )],
     )
     .await?;
 

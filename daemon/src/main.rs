@@ -3,7 +3,9 @@
 
 use clap::Parser;
 
-use ambit_runtime::{AdminArgs, AdminServers, DrainArgs, LogArgs, admin::Route, readiness::Readiness};
+use ambit_runtime::{
+    AdminArgs, AdminServers, DrainArgs, LogArgs, admin::Route, readiness::Readiness,
+};
 
 /// Node daemon configuration; every flag also reads an environment variable.
 #[derive(Clone, Debug, Parser, serde::Serialize)]
@@ -13,7 +15,11 @@ struct Config {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// Controller gRPC address (config stream and certificate authority).
-    #[arg(long, env = "CONTROLLER_ADDR", default_value = "http://127.0.0.1:15012")]
+    #[arg(
+        long,
+        env = "CONTROLLER_ADDR",
+        default_value = "http://127.0.0.1:15012"
+    )]
     controller_addr: String,
     #[command(flatten)]
     #[serde(skip)]
@@ -40,7 +46,10 @@ async fn main() -> anyhow::Result<()> {
     let admin = AdminServers::start(
         &config.admin,
         &readiness,
-        vec![Route::json("/config_dump", move || serde_json::json!({ "config": &dump }))],
+        vec![Route::json(
+            "/config_dump",
+            move || serde_json::json!({ "config": &dump }),
+        )],
     )
     .await?;
 

@@ -1,6 +1,11 @@
 //! The binaries' process skeleton: config from flags, readiness with named blockers,
 //! `/config_dump`, `ambitctl` reading both, and a clean exit on SIGTERM.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed unwrap is a failed test, with its location"
+)]
+
 use std::{
     net::{SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
@@ -20,18 +25,29 @@ impl Drop for Proc {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn ambitctl(args: &[&str]) -> std::process::Output {
-    Command::new(bin_path("ambitctl").unwrap()).args(args).output().unwrap()
+    Command::new(bin_path("ambitctl").unwrap())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn check_skeleton(bin: &str, args: &[&str], blocker: &str, config_field: (&str, &str)) {
     let (ready, admin) = (free_addr(), free_addr());
     let child = Command::new(bin_path(bin).unwrap())
         .args(args)
-        .args(["--readiness-addr", &ready.to_string(), "--admin-addr", &admin.to_string()])
+        .args([
+            "--readiness-addr",
+            &ready.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ])
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -54,12 +70,19 @@ fn check_skeleton(bin: &str, args: &[&str], blocker: &str, config_field: (&str, 
         },
     )
     .unwrap();
-    assert!(!out.status.success(), "ambitctl ready must fail while blocked");
+    assert!(
+        !out.status.success(),
+        "ambitctl ready must fail while blocked"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(blocker), "{bin}: {text}");
 
     let out = ambitctl(&["config-dump", "--admin", &admin.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(dump["config"][config_field.0], config_field.1, "{dump}");
 
@@ -72,7 +95,11 @@ fn check_skeleton(bin: &str, args: &[&str], blocker: &str, config_field: (&str, 
         &format!("{bin} exits after SIGTERM"),
         Duration::from_secs(10),
         Duration::from_millis(20),
-        || proc.0.try_wait()?.ok_or_else(|| anyhow::anyhow!("still running")),
+        || {
+            proc.0
+                .try_wait()?
+                .ok_or_else(|| anyhow::anyhow!("still running"))
+        },
     )
     .unwrap();
     assert!(exit.success(), "{bin} exited with {exit}");
@@ -109,7 +136,12 @@ fn waypoint_skeleton() {
 fn controller_skeleton() {
     check_skeleton(
         "ambit-controller",
-        &["--config-dir", "/nonexistent-for-now", "--grpc-addr", "127.0.0.1:0"],
+        &[
+            "--config-dir",
+            "/nonexistent-for-now",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ],
         "initial sync",
         ("trust_domain", "cluster.local"),
     );

@@ -1,4 +1,301 @@
-//! `cargo xtask cluster` — filled in by the simulated-cluster work.
+//! `cargo xtask cluster …`: the simulated cluster from the command line.
+//!
+//! ```text
+//! cargo xtask cluster up [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster status [--json]
+//! cargo xtask cluster exec NAMESPACE/POD -- CMD…
+//! cargo xtask cluster apply FILE | delete FILE
+//! cargo xtask cluster down [--all]
+//! cargo xtask cluster topology        # print the default topology (to copy and edit)
+//! ```
+//!
+//! Everything is in `ambit_simcluster`; this file parses flags and prints.
+
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ambit_simcluster::{
+    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, Options, Status, TeardownReport, Topology,
+};
+use anyhow::{Context as _, bail};
+
+use crate::workspace_root;
+
+/// Manage the simulated cluster (network namespaces, cgroups and processes standing in
+/// for nodes and pods).
 #[derive(Debug, clap::Args)]
-pub struct ClusterArgs {}
-pub fn run(_args: ClusterArgs) -> anyhow::Result<()> { Ok(()) }
+pub struct ClusterArgs {
+    /// Cluster name ([a-z0-9-], at most 24 characters).
+    #[arg(long, global = true, default_value = DEFAULT_CLUSTER_NAME)]
+    name: String,
+    /// Where cluster state directories live.
+    #[arg(long, global = true, default_value = DEFAULT_STATE_ROOT)]
+    state_root: PathBuf,
+    #[command(subcommand)]
+    cmd: ClusterCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ClusterCmd {
+    /// Build the workspace binaries, then bring a cluster up and leave it running.
+    Up(UpArgs),
+    /// Describe the running cluster.
+    Status {
+        /// Print the full state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a pod's network namespace and cgroup.
+    Exec {
+        /// The pod, NAMESPACE/POD.
+        pod: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Put the objects of a YAML file into the cluster's config directory.
+    Apply {
+        /// Kubernetes YAML (one or more documents).
+        file: PathBuf,
+    },
+    /// Take the objects named in a YAML file out of the config directory.
+    Delete {
+        /// Kubernetes YAML (one or more documents).
+        file: PathBuf,
+    },
+    /// Tear the cluster down, also leftovers of a crashed run.
+    Down {
+        /// Every Ambit cluster on this machine, not only --name.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print the default topology.
+    Topology,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Topology YAML (default: the built-in small shop; see `cluster topology`).
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Do not run `cargo build --bins` first.
+    #[arg(long)]
+    no_build: bool,
+    /// Directory holding ambit-echo and the other binaries (default: target/debug).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Seconds to wait for the workloads to listen.
+    #[arg(long, default_value_t = 30)]
+    ready_timeout: u64,
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let name = ClusterName::new(&args.name)?;
+    let opts = Options::new(name).state_root(&args.state_root);
+    match args.cmd {
+        ClusterCmd::Up(up_args) => up(opts, &up_args),
+        ClusterCmd::Status { json } => {
+            let status = Cluster::attach(opts)?.status();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        ClusterCmd::Exec { pod, command } => {
+            let cluster = Cluster::attach(opts)?;
+            let (program, rest) = command.split_first().context("no command given")?;
+            let status = cluster
+                .pod_command(&pod, program)?
+                .args(rest)
+                .status()
+                .with_context(|| format!("running {program} in pod {pod}"))?;
+            let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            std::process::exit(code);
+        }
+        ClusterCmd::Apply { file } => {
+            for object in Cluster::attach(opts)?.apply(&file)? {
+                println!("{object} configured");
+            }
+            Ok(())
+        }
+        ClusterCmd::Delete { file } => {
+            for (object, outcome) in Cluster::attach(opts)?.delete(&file)? {
+                match outcome {
+                    Deleted::Deleted => println!("{object} deleted"),
+                    Deleted::NotFound => println!("{object} not found"),
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::Down { all: true } => {
+            let reports = ambit_simcluster::down_all_in(&args.state_root)?;
+            if reports.is_empty() {
+                println!("no Ambit cluster found");
+            }
+            reports.iter().for_each(print_teardown);
+            Ok(())
+        }
+        ClusterCmd::Down { all: false } => {
+            print_teardown(&ambit_simcluster::down(&opts)?);
+            Ok(())
+        }
+        ClusterCmd::Topology => {
+            print!("{}", ambit_simcluster::DEFAULT_TOPOLOGY_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
+    let topology = match &args.topology {
+        Some(path) => Topology::from_file(path)?,
+        None => Topology::default_shop(),
+    };
+    if !args.no_build {
+        crate::test::cargo("building the binaries (skip with --no-build)", &["build", "--bins"])?;
+    }
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
+    if !bin_dir.is_dir() {
+        bail!("binaries directory {} does not exist (build first or pass --bin-dir)", bin_dir.display());
+    }
+    let opts = opts.binaries_dir(bin_dir).ready_timeout(Duration::from_secs(args.ready_timeout));
+    let name = opts.name.clone();
+    eprintln!("▶ bringing cluster {name} up");
+    let cluster = Cluster::up(opts, &topology)?;
+    let status = cluster.status();
+    cluster.detach()?;
+    print_status(&status);
+    println!();
+    println!("try: cargo xtask cluster exec --name {name} production/checkout-0 -- ip addr");
+    println!("tear down: cargo xtask cluster down --name {name}");
+    Ok(())
+}
+
+/// `target/debug` of the workspace, honouring `CARGO_TARGET_DIR`.
+fn default_bin_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_relative() { workspace_root().join(target) } else { target };
+    target.join("debug")
+}
+
+fn print_teardown(r: &TeardownReport) {
+    if r.found_nothing() {
+        println!("cluster {}: nothing to remove", r.name);
+        return;
+    }
+    println!(
+        "cluster {}: removed {} network namespaces, killed {} processes{}{}",
+        r.name,
+        r.netns_removed.len(),
+        r.processes_killed,
+        r.cgroup_removed.as_deref().map(|p| format!(", cgroup {}", p.display())).unwrap_or_default(),
+        r.state_dir_removed.as_deref().map(|p| format!(", state {}", p.display())).unwrap_or_default(),
+    );
+}
+
+fn print_status(st: &Status) {
+    let phase = match st.phase {
+        ambit_simcluster::status::Phase::Running => "running",
+        ambit_simcluster::status::Phase::Creating => "being created (or crashed while created)",
+    };
+    println!("cluster {} ({phase})", st.name);
+    println!("  config dir  {}", st.config_dir.display());
+    println!("  state dir   {}", st.state_dir.display());
+    println!("  cgroup      {}", st.cgroup_root.display());
+    println!("  underlay    {} ({}, bridge {})", st.underlay.netns, st.underlay.cidr, st.underlay.bridge);
+    println!("  control     {} ({})", st.control.netns, st.control.ip);
+    println!();
+    table(
+        &["NODE", "NETNS", "IP", "POD CIDR"],
+        st.nodes.iter().map(|n| vec![n.name.clone(), n.netns.clone(), n.ip.to_string(), n.pod_cidr.to_string()]),
+    );
+    println!();
+    table(
+        &["NAMESPACE", "POD", "NODE", "IP", "SERVICE ACCOUNT", "LABELS", "STATE", "NETNS", "CGROUP"],
+        st.pods.iter().map(|p| {
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let state = match (p.running, p.pid) {
+                (true, Some(pid)) => format!("running ({pid})"),
+                _ => "not running".to_owned(),
+            };
+            vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                p.node.clone(),
+                p.ip.to_string(),
+                p.service_account.clone(),
+                labels.join(","),
+                state,
+                p.netns.clone(),
+                relative(&p.cgroup, &st.cgroup_root),
+            ]
+        }),
+    );
+    println!();
+    table(
+        &["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS"],
+        st.services.iter().map(|s| {
+            let ports: Vec<String> =
+                s.ports.iter().map(|p| format!("{}:{}→{}/{}", p.name, p.port, p.target_port, p.protocol.as_str())).collect();
+            let eps: Vec<String> = s.endpoints.iter().map(|e| e.name.clone()).collect();
+            vec![s.namespace.clone(), s.name.clone(), s.cluster_ip.to_string(), ports.join(","), eps.join(",")]
+        }),
+    );
+    if !st.processes.is_empty() {
+        println!();
+        table(
+            &["PROCESS", "PLACE", "PID", "STATE", "LOG"],
+            st.processes.iter().map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.place.to_string(),
+                    p.pid.to_string(),
+                    if p.running { "running" } else { "exited" }.to_owned(),
+                    p.log.display().to_string(),
+                ]
+            }),
+        );
+    }
+    println!();
+    println!("namespaces: {}", {
+        let ns: Vec<String> = st
+            .namespaces
+            .iter()
+            .map(|n| {
+                let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if labels.is_empty() { n.name.clone() } else { format!("{} ({})", n.name, labels.join(",")) }
+            })
+            .collect();
+        ns.join(", ")
+    });
+    println!("note: Service VIPs answer only through the mesh (no kube-proxy).");
+}
+
+fn relative(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root).map_or_else(|_| path.display().to_string(), |p| format!("…/{}", p.display()))
+}
+
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -26,13 +26,21 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         cargo("formatting", &["fmt", "--all", "--", "--check"])?;
         cargo(
             "clippy",
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
         )?;
     }
     cargo("building the binaries", &["build", "--workspace", "--bins"])?;
     // Test clusters left behind by a run that was killed would only waste memory;
     // their names carry the test prefix, so a user's own cluster is never touched.
-    ambit_simcluster::down_stale_test_clusters().context("removing leftovers of earlier test runs")?;
+    ambit_simcluster::down_stale_test_clusters()
+        .context("removing leftovers of earlier test runs")?;
     let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
     test_args.extend(args.cargo_test_args.iter().map(String::as_str));
     cargo("tests", &test_args)
@@ -48,7 +56,10 @@ pub(crate) fn cargo(what: &str, args: &[&str]) -> anyhow::Result<()> {
         .status()
         .with_context(|| format!("starting cargo {}", args.join(" ")))?;
     if !status.success() {
-        bail!("{what} failed (cargo {} exited with {status})", args.join(" "));
+        bail!(
+            "{what} failed (cargo {} exited with {status})",
+            args.join(" ")
+        );
     }
     Ok(())
 }
@@ -61,7 +72,12 @@ mod tests {
 
     use super::*;
 
-    const BINARIES: &[&str] = &["ambit-node", "ambit-waypoint", "ambit-controller", "ambitctl"];
+    const BINARIES: &[&str] = &[
+        "ambit-node",
+        "ambit-waypoint",
+        "ambit-controller",
+        "ambitctl",
+    ];
     const MAY_USE_KUBE: &[&str] = &["ambit-controller", "ambitctl"];
 
     /// package name → (manifest path, names of its normal and build dependencies).
@@ -71,7 +87,11 @@ mod tests {
             .current_dir(workspace_root())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         meta["packages"]
             .as_array()
@@ -103,7 +123,10 @@ mod tests {
         assert!(!shared.is_empty(), "no crates under crates/ found");
         for (name, (_, deps)) in shared {
             for bin in BINARIES {
-                assert!(!deps.iter().any(|d| d == bin), "{name} (crates/) depends on binary {bin}");
+                assert!(
+                    !deps.iter().any(|d| d == bin),
+                    "{name} (crates/) depends on binary {bin}"
+                );
             }
         }
     }

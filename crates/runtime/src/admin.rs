@@ -62,7 +62,11 @@ impl Route {
 }
 
 /// Builds a response with a body and content type.
-pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(body.into()));
     *res.status_mut() = status;
     if let Ok(v) = header::HeaderValue::from_str(content_type) {
@@ -132,7 +136,12 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), Fe
         })?;
     let res = sender.send_request(req).await.map_err(http_err)?;
     let status = res.status();
-    let body = res.into_body().collect().await.map_err(http_err)?.to_bytes();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(http_err)?
+        .to_bytes();
     conn.abort();
     Ok((status, body))
 }
@@ -154,7 +163,11 @@ pub struct Serving {
 }
 
 /// Binds the admin listener.
-pub async fn bind(addr: SocketAddr, readiness: Readiness, routes: Vec<Route>) -> Result<Bound, AdminError> {
+pub async fn bind(
+    addr: SocketAddr,
+    readiness: Readiness,
+    routes: Vec<Route>,
+) -> Result<Bound, AdminError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
@@ -223,9 +236,17 @@ impl Serving {
     }
 }
 
-fn answer(req: &Request<Incoming>, routes: &[Route], readiness: &Readiness) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    routes: &[Route],
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n");
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is served here\n",
+        );
     }
     let path = req.uri().path();
     if path == "/healthz/ready" {
@@ -242,7 +263,11 @@ fn answer(req: &Request<Incoming>, routes: &[Route], readiness: &Readiness) -> R
     }
     match routes.iter().find(|r| r.path == path) {
         Some(route) => (route.handler)(),
-        None => respond(StatusCode::NOT_FOUND, "text/plain", format!("no such path: {path}\n")),
+        None => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no such path: {path}\n"),
+        ),
     }
 }
 
@@ -253,9 +278,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -265,7 +292,10 @@ mod tests {
     async fn readiness_follows_blockers_and_routes_answer() {
         let readiness = Readiness::new();
         let blocker = readiness.register("config");
-        let routes = vec![Route::json("/config_dump", || serde_json::json!({"nodes": 2}))];
+        let routes = vec![Route::json(
+            "/config_dump",
+            || serde_json::json!({"nodes": 2}),
+        )];
         let bound = bind("127.0.0.1:0".parse().unwrap(), readiness.clone(), routes)
             .await
             .unwrap();

@@ -88,7 +88,8 @@ pub enum Shutdown {
 /// still binding its listeners is not lost.
 pub fn shutdown_signal()
 -> Result<impl std::future::Future<Output = Shutdown> + Send + 'static, RuntimeError> {
-    let mut term = signal(SignalKind::terminate()).map_err(|e| RuntimeError::Signal("SIGTERM", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| RuntimeError::Signal("SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| RuntimeError::Signal("SIGINT", e))?;
     Ok(async move {
         let which = tokio::select! {
@@ -155,7 +156,10 @@ pub struct DrainArgs {
 }
 
 /// Runs `drain` to completion or until `deadline` passes, logging which happened.
-pub async fn drain_with_deadline<F: std::future::Future<Output = ()>>(deadline: Duration, drain: F) {
+pub async fn drain_with_deadline<F: std::future::Future<Output = ()>>(
+    deadline: Duration,
+    drain: F,
+) {
     match tokio::time::timeout(deadline, drain).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!(?deadline, "drain deadline passed; stopping anyway"),
@@ -177,7 +181,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("duration {s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("duration {s:?} is out of range"));

@@ -449,3 +449,198 @@ fn fake_uid(parts: &[&str]) -> String {
         b & 0xffff_ffff_ffff
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Options, Topology, cluster::plan, names::ClusterName};
+
+    fn shop_status() -> Status {
+        let opts = Options::new(ClusterName::new("unit").unwrap())
+            .binaries_dir("/opt/ambit/bin")
+            .state_root("/tmp/ambit-unit-state");
+        let topology = Topology::default_shop();
+        let resolved = topology.resolve().unwrap();
+        plan(&opts, Path::new("/sys/fs/cgroup/unified"), &topology, &resolved).unwrap()
+    }
+
+    fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+
+    fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str, ns: Option<&str>, name: &str) -> &'a serde_yaml::Value {
+        docs.iter()
+            .find(|d| {
+                d["kind"].as_str() == Some(kind)
+                    && d["metadata"]["name"].as_str() == Some(name)
+                    && d["metadata"].get("namespace").and_then(|n| n.as_str()) == ns
+            })
+            .unwrap_or_else(|| panic!("no {kind} {ns:?}/{name}"))
+    }
+
+    #[test]
+    fn generated_yaml_parses_back_with_the_cluster_objects() {
+        let st = shop_status();
+        let yaml = cluster_yaml(&st).unwrap();
+        let docs = docs(&yaml);
+        let count = |kind: &str| docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).count();
+        assert_eq!(count("Namespace"), 2);
+        assert_eq!(count("Node"), 2);
+        assert_eq!(count("Pod"), 6);
+        assert_eq!(count("Service"), 3);
+        assert_eq!(count("EndpointSlice"), 3);
+        // default in both namespaces + checkout, payment, inventory.
+        assert_eq!(count("ServiceAccount"), 5);
+        for d in &docs {
+            assert!(d["apiVersion"].is_string() && d["metadata"]["name"].is_string(), "{d:?}");
+        }
+
+        let prod = find(&docs, "Namespace", None, "production");
+        assert_eq!(prod["metadata"]["labels"]["ambit.dev/dataplane-mode"].as_str(), Some("ambient"));
+        assert_eq!(prod["metadata"]["labels"]["kubernetes.io/metadata.name"].as_str(), Some("production"));
+        let legacy = find(&docs, "Namespace", None, "legacy");
+        assert!(legacy["metadata"]["labels"].get("ambit.dev/dataplane-mode").is_none());
+
+        let node = find(&docs, "Node", None, "node-2");
+        assert_eq!(node["spec"]["podCIDR"].as_str(), Some("10.244.2.0/24"));
+        assert_eq!(node["status"]["addresses"][0]["address"].as_str(), Some("172.30.0.12"));
+        assert_eq!(node["metadata"]["annotations"][NETNS_ANNOTATION].as_str(), Some("/run/netns/ambit-unit.node-2"));
+
+        let pod = find(&docs, "Pod", Some("production"), "payment-v1-1");
+        assert_eq!(pod["spec"]["nodeName"].as_str(), Some("node-2"));
+        assert_eq!(pod["spec"]["serviceAccountName"].as_str(), Some("payment"));
+        assert_eq!(pod["status"]["podIP"].as_str(), Some("10.244.2.2"));
+        assert_eq!(pod["status"]["hostIP"].as_str(), Some("172.30.0.12"));
+        assert_eq!(pod["metadata"]["labels"]["app"].as_str(), Some("payment"));
+        assert_eq!(pod["metadata"]["labels"]["version"].as_str(), Some("v1"));
+        assert_eq!(
+            pod["metadata"]["annotations"][CGROUP_ANNOTATION].as_str(),
+            Some("/sys/fs/cgroup/unified/ambit-unit/node-2/pods/production_payment-v1-1")
+        );
+        assert_eq!(pod["spec"]["containers"][0]["command"][0].as_str(), Some("/opt/ambit/bin/ambit-echo"));
+        let legacy_pod = find(&docs, "Pod", Some("legacy"), "legacy-client-0");
+        assert_eq!(legacy_pod["spec"]["serviceAccountName"].as_str(), Some("default"));
+
+        let svc = find(&docs, "Service", Some("production"), "payment");
+        assert_eq!(svc["spec"]["clusterIP"].as_str(), Some("10.96.0.11"));
+        assert_eq!(svc["spec"]["selector"]["app"].as_str(), Some("payment"));
+        let ports = svc["spec"]["ports"].as_sequence().unwrap();
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[0]["name"].as_str(), Some("http"));
+        assert_eq!(ports[0]["port"].as_u64(), Some(80));
+        assert_eq!(ports[0]["targetPort"].as_u64(), Some(8080));
+        assert_eq!(ports[0]["protocol"].as_str(), Some("TCP"));
+        assert_eq!(ports[1]["name"].as_str(), Some("tcp-echo"));
+        assert_eq!(ports[1]["port"].as_u64(), Some(9090));
+
+        let slice = find(&docs, "EndpointSlice", Some("production"), "payment-sim");
+        assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str(), Some("payment"));
+        let ips: Vec<_> =
+            slice["endpoints"].as_sequence().unwrap().iter().map(|e| e["addresses"][0].as_str().unwrap()).collect();
+        assert_eq!(ips, ["10.244.1.3", "10.244.2.2", "10.244.2.3"]);
+        assert_eq!(slice["ports"][0]["port"].as_u64(), Some(8080));
+
+        // Generation is deterministic (uids included).
+        assert_eq!(yaml, cluster_yaml(&shop_status()).unwrap());
+    }
+
+    fn tmp_dir(tag: &str) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "simcluster-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-checkout
+  namespace: production
+spec:
+  selector: { matchLabels: { app: payment } }
+  action: ALLOW
+  rules: [{ from: [{ source: { principals: ["cluster.local/ns/production/sa/checkout"] } }] }]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: production }
+spec: { mtls: { mode: STRICT } }
+---
+"#;
+
+    #[test]
+    fn apply_writes_one_file_per_object_and_delete_removes_them() {
+        let dir = tmp_dir("apply");
+        let applied = apply(&dir, POLICY, "policy.yaml", &[]).unwrap();
+        assert_eq!(applied.len(), 2);
+        let mut files: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "security.istio.io_authorizationpolicy_production_allow-checkout.yaml",
+                "security.istio.io_peerauthentication_production_default.yaml"
+            ]
+        );
+        let stored = std::fs::read_to_string(dir.join(&files[0])).unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&stored).unwrap();
+        assert_eq!(v["spec"]["action"].as_str(), Some("ALLOW"));
+        assert_eq!(applied[0].to_string(), "authorizationpolicy.security.istio.io/allow-checkout in production");
+
+        // Re-applying replaces; deleting reports what was and was not there.
+        apply(&dir, POLICY, "policy.yaml", &[]).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        let gone = delete(&dir, POLICY, "policy.yaml").unwrap();
+        assert!(gone.iter().all(|(_, d)| *d == Deleted::Deleted));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let again = delete(&dir, POLICY, "policy.yaml").unwrap();
+        assert!(again.iter().all(|(_, d)| *d == Deleted::NotFound));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn apply_rejects_non_objects_and_writes_nothing() {
+        let dir = tmp_dir("reject");
+        let cases = [
+            ("a: [unclosed", "not valid YAML"),
+            ("- 1\n- 2", "not a mapping"),
+            ("kind: X\nmetadata: {name: a}", "missing `apiVersion`"),
+            ("apiVersion: v1\nmetadata: {name: a}", "missing `kind`"),
+            ("apiVersion: v1\nkind: X", "missing `metadata`"),
+            ("apiVersion: v1\nkind: X\nmetadata: {namespace: a}", "missing `metadata.name`"),
+            ("apiVersion: v1\nkind: X\nmetadata: {name: ../../etc}", "invalid metadata.name"),
+            ("", "no Kubernetes objects"),
+            // A valid first document does not get written when the second is bad.
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\n---\nkind: X", "document 2"),
+        ];
+        for (yaml, want) in cases {
+            let e = crate::error_chain(&apply(&dir, yaml, "f.yaml", &[]).unwrap_err());
+            assert!(e.contains(want), "{yaml:?}: {e}");
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+        let generated = generated_refs(&shop_status());
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: payment, namespace: production}";
+        let e = apply(&dir, svc, "f.yaml", &generated).unwrap_err().to_string();
+        assert!(e.contains("generated"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fake_uids_are_uuid_shaped_and_distinct() {
+        let a = fake_uid(&["c", "Pod", "ns", "a"]);
+        let b = fake_uid(&["c", "Pod", "ns", "b"]);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+    }
+}

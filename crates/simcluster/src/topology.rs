@@ -631,7 +631,7 @@ namespaces:
             ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: []}]}]", "`namespaces[0].services[0].ports`"),
             ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: [{name: p, port: 1}, {name: p, port: 2}]}]}]", "`namespaces[0].services[0].ports[1].name`"),
             ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, clusterIP: 10.244.1.7, ports: [{name: p, port: 1}]}]}]", "`namespaces[0].services[0].clusterIP`"),
-            ("nodes: [{name: a, podCidr: 10.0.0.0/30}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a, a, a, a, a, a, a]}]}]", "pod prefix"),
+            ("nodes: [{name: a, podCidr: 10.0.0.0/29}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a, a, a, a, a, a, a]}]}]", "`namespaces[0].workloads[0].nodes[5]`: pod prefix"),
         ];
         for (yaml, want) in cases {
             let e = err_text(yaml);

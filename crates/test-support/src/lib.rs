@@ -66,7 +66,13 @@ macro_rules! assert_eventually {
             stringify!($cond),
             $timeout,
             ::std::time::Duration::from_millis(20),
-            || if $cond { Ok(()) } else { Err(::anyhow::anyhow!("still false")) },
+            || {
+                if $cond {
+                    Ok(())
+                } else {
+                    Err(::anyhow::anyhow!("still false"))
+                }
+            },
         );
         if let Err(e) = res {
             panic!("{e:#}");
@@ -116,9 +122,12 @@ mod tests {
 
     #[test]
     fn eventually_reports_what_and_last_error() {
-        let err = eventually("the answer", Duration::from_millis(50), Duration::from_millis(5), || {
-            Err::<(), _>(anyhow::anyhow!("still 41"))
-        })
+        let err = eventually(
+            "the answer",
+            Duration::from_millis(50),
+            Duration::from_millis(5),
+            || Err::<(), _>(anyhow::anyhow!("still 41")),
+        )
         .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("the answer"), "{msg}");
@@ -128,10 +137,19 @@ mod tests {
     #[test]
     fn eventually_returns_once_true() {
         let mut n = 0;
-        let v = eventually("n reaches 3", Duration::from_secs(5), Duration::from_millis(1), || {
-            n += 1;
-            if n >= 3 { Ok(n) } else { Err(anyhow::anyhow!("n={n}")) }
-        })
+        let v = eventually(
+            "n reaches 3",
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            || {
+                n += 1;
+                if n >= 3 {
+                    Ok(n)
+                } else {
+                    Err(anyhow::anyhow!("n={n}"))
+                }
+            },
+        )
         .unwrap();
         assert_eq!(v, 3);
     }

@@ -111,7 +111,8 @@ unsafe fn atomic_add(dst: *mut u64, n: u64) {
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-    // The verifier rejects any program that could reach a panic; this is never called.
+    // Never runs: the verifier rejects infinite loops, so a program that could reach
+    // this would not load at all.
     loop {}
 }
 
