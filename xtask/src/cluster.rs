@@ -18,7 +18,8 @@ use std::{
 };
 
 use ambit_simcluster::{
-    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, Options, Status, TeardownReport, Topology,
+    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, Options, Status,
+    TeardownReport, Topology,
 };
 use anyhow::{Context as _, bail};
 
@@ -98,7 +99,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     match args.cmd {
         ClusterCmd::Up(up_args) => up(opts, &up_args),
         ClusterCmd::Status { json } => {
-            let status = Cluster::attach(opts)?.status();
+            let status = attach(opts, &args.state_root)?.status();
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -107,24 +108,26 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCmd::Exec { pod, command } => {
-            let cluster = Cluster::attach(opts)?;
+            let cluster = attach(opts, &args.state_root)?;
             let (program, rest) = command.split_first().context("no command given")?;
             let status = cluster
                 .pod_command(&pod, program)?
                 .args(rest)
                 .status()
                 .with_context(|| format!("running {program} in pod {pod}"))?;
-            let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            let code = status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
             std::process::exit(code);
         }
         ClusterCmd::Apply { file } => {
-            for object in Cluster::attach(opts)?.apply(&file)? {
+            for object in attach(opts, &args.state_root)?.apply(&file)? {
                 println!("{object} configured");
             }
             Ok(())
         }
         ClusterCmd::Delete { file } => {
-            for (object, outcome) in Cluster::attach(opts)?.delete(&file)? {
+            for (object, outcome) in attach(opts, &args.state_root)?.delete(&file)? {
                 match outcome {
                     Deleted::Deleted => println!("{object} deleted"),
                     Deleted::NotFound => println!("{object} not found"),
@@ -157,23 +160,52 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
         None => Topology::default_shop(),
     };
     if !args.no_build {
-        crate::test::cargo("building the binaries (skip with --no-build)", &["build", "--bins"])?;
+        crate::test::cargo(
+            "building the binaries (skip with --no-build)",
+            &["build", "--bins"],
+        )?;
     }
     let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
     if !bin_dir.is_dir() {
-        bail!("binaries directory {} does not exist (build first or pass --bin-dir)", bin_dir.display());
+        bail!(
+            "binaries directory {} does not exist (build first or pass --bin-dir)",
+            bin_dir.display()
+        );
     }
-    let opts = opts.binaries_dir(bin_dir).ready_timeout(Duration::from_secs(args.ready_timeout));
+    let opts = opts
+        .binaries_dir(bin_dir)
+        .ready_timeout(Duration::from_secs(args.ready_timeout));
     let name = opts.name.clone();
     eprintln!("▶ bringing cluster {name} up");
     let cluster = Cluster::up(opts, &topology)?;
     let status = cluster.status();
     cluster.detach()?;
     print_status(&status);
+    let flag = if name.as_str() == DEFAULT_CLUSTER_NAME {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    };
     println!();
-    println!("try: cargo xtask cluster exec --name {name} production/checkout-0 -- ip addr");
-    println!("tear down: cargo xtask cluster down --name {name}");
+    println!("try: cargo xtask cluster exec{flag} production/checkout-0 -- ip addr");
+    println!("tear down: cargo xtask cluster down{flag}");
     Ok(())
+}
+
+/// [`Cluster::attach`], pointing at `down` when only leftovers of the cluster exist.
+fn attach(opts: Options, state_root: &Path) -> anyhow::Result<Cluster> {
+    let name = opts.name.clone();
+    match Cluster::attach(opts) {
+        Err(ambit_simcluster::Error::NotFound { .. })
+            if ambit_simcluster::list_clusters(state_root)?.contains(&name) =>
+        {
+            bail!(
+                "cluster {name} is not running, but leftovers of it exist (a crashed run?): \
+                 remove them with `cargo xtask cluster down --name {name}`"
+            )
+        }
+        other => Ok(other?),
+    }
 }
 
 /// `target/debug` of the workspace, honouring `CARGO_TARGET_DIR`.
@@ -181,7 +213,11 @@ fn default_bin_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_relative() { workspace_root().join(target) } else { target };
+    let target = if target.is_relative() {
+        workspace_root().join(target)
+    } else {
+        target
+    };
     target.join("debug")
 }
 
@@ -195,8 +231,14 @@ fn print_teardown(r: &TeardownReport) {
         r.name,
         r.netns_removed.len(),
         r.processes_killed,
-        r.cgroup_removed.as_deref().map(|p| format!(", cgroup {}", p.display())).unwrap_or_default(),
-        r.state_dir_removed.as_deref().map(|p| format!(", state {}", p.display())).unwrap_or_default(),
+        r.cgroup_removed
+            .as_deref()
+            .map(|p| format!(", cgroup {}", p.display()))
+            .unwrap_or_default(),
+        r.state_dir_removed
+            .as_deref()
+            .map(|p| format!(", state {}", p.display()))
+            .unwrap_or_default(),
     );
 }
 
@@ -209,16 +251,36 @@ fn print_status(st: &Status) {
     println!("  config dir  {}", st.config_dir.display());
     println!("  state dir   {}", st.state_dir.display());
     println!("  cgroup      {}", st.cgroup_root.display());
-    println!("  underlay    {} ({}, bridge {})", st.underlay.netns, st.underlay.cidr, st.underlay.bridge);
+    println!(
+        "  underlay    {} ({}, bridge {})",
+        st.underlay.netns, st.underlay.cidr, st.underlay.bridge
+    );
     println!("  control     {} ({})", st.control.netns, st.control.ip);
     println!();
     table(
         &["NODE", "NETNS", "IP", "POD CIDR"],
-        st.nodes.iter().map(|n| vec![n.name.clone(), n.netns.clone(), n.ip.to_string(), n.pod_cidr.to_string()]),
+        st.nodes.iter().map(|n| {
+            vec![
+                n.name.clone(),
+                n.netns.clone(),
+                n.ip.to_string(),
+                n.pod_cidr.to_string(),
+            ]
+        }),
     );
     println!();
     table(
-        &["NAMESPACE", "POD", "NODE", "IP", "SERVICE ACCOUNT", "LABELS", "STATE", "NETNS", "CGROUP"],
+        &[
+            "NAMESPACE",
+            "POD",
+            "NODE",
+            "IP",
+            "SERVICE ACCOUNT",
+            "LABELS",
+            "STATE",
+            "NETNS",
+            "CGROUP",
+        ],
         st.pods.iter().map(|p| {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let state = match (p.running, p.pid) {
@@ -242,10 +304,27 @@ fn print_status(st: &Status) {
     table(
         &["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS", "ENDPOINTS"],
         st.services.iter().map(|s| {
-            let ports: Vec<String> =
-                s.ports.iter().map(|p| format!("{}:{}→{}/{}", p.name, p.port, p.target_port, p.protocol.as_str())).collect();
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}:{}→{}/{}",
+                        p.name,
+                        p.port,
+                        p.target_port,
+                        p.protocol.as_str()
+                    )
+                })
+                .collect();
             let eps: Vec<String> = s.endpoints.iter().map(|e| e.name.clone()).collect();
-            vec![s.namespace.clone(), s.name.clone(), s.cluster_ip.to_string(), ports.join(","), eps.join(",")]
+            vec![
+                s.namespace.clone(),
+                s.name.clone(),
+                s.cluster_ip.to_string(),
+                ports.join(","),
+                eps.join(","),
+            ]
         }),
     );
     if !st.processes.is_empty() {
@@ -269,8 +348,13 @@ fn print_status(st: &Status) {
             .namespaces
             .iter()
             .map(|n| {
-                let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                if labels.is_empty() { n.name.clone() } else { format!("{} ({})", n.name, labels.join(",")) }
+                let labels: Vec<String> =
+                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if labels.is_empty() {
+                    n.name.clone()
+                } else {
+                    format!("{} ({})", n.name, labels.join(","))
+                }
             })
             .collect();
         ns.join(", ")
@@ -279,7 +363,10 @@ fn print_status(st: &Status) {
 }
 
 fn relative(path: &Path, root: &Path) -> String {
-    path.strip_prefix(root).map_or_else(|_| path.display().to_string(), |p| format!("…/{}", p.display()))
+    path.strip_prefix(root).map_or_else(
+        |_| path.display().to_string(),
+        |p| format!("…/{}", p.display()),
+    )
 }
 
 fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
@@ -291,7 +378,11 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());

@@ -29,7 +29,10 @@ impl Ipv4Cidr {
     pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Self {
         let prefix_len = prefix_len.min(32);
         let network = Ipv4Addr::from(u32::from(addr) & mask(prefix_len));
-        Self { network, prefix_len }
+        Self {
+            network,
+            prefix_len,
+        }
     }
 
     /// The network address (all host bits zero).
@@ -73,7 +76,11 @@ impl Ipv4Cidr {
 }
 
 fn mask(prefix_len: u8) -> u32 {
-    if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len)) }
+    if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix_len))
+    }
 }
 
 impl fmt::Display for Ipv4Cidr {
@@ -86,8 +93,13 @@ impl FromStr for Ipv4Cidr {
     type Err = CidrParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| CidrParseError { input: s.to_owned(), reason };
-        let (addr, len) = s.split_once('/').ok_or_else(|| err("expected ADDRESS/LENGTH"))?;
+        let err = |reason| CidrParseError {
+            input: s.to_owned(),
+            reason,
+        };
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| err("expected ADDRESS/LENGTH"))?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| err("bad IPv4 address"))?;
         let len: u8 = len.parse().map_err(|_| err("bad prefix length"))?;
         if len > 32 {
@@ -133,7 +145,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_prefixes() {
-        for bad in ["10.244.1.1/24", "10.244.1.0", "10.244.1.0/33", "x/24", "10.0.0.0/x"] {
+        for bad in [
+            "10.244.1.1/24",
+            "10.244.1.0",
+            "10.244.1.0/33",
+            "x/24",
+            "10.0.0.0/x",
+        ] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
         }
     }

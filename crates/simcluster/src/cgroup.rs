@@ -11,8 +11,11 @@ use crate::Error;
 /// The cgroup v2 mount point: the first `cgroup2` entry of `/proc/mounts`
 /// (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on unified ones).
 pub fn cgroup2_mount() -> Result<PathBuf, Error> {
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .map_err(|source| Error::Io { op: "reading", path: "/proc/mounts".into(), source })?;
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| Error::Io {
+        op: "reading",
+        path: "/proc/mounts".into(),
+        source,
+    })?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -26,7 +29,10 @@ pub fn cgroup2_mount() -> Result<PathBuf, Error> {
 
 /// `/proc/mounts` escapes blanks as octal (`\040`).
 fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Creates the cgroup `path`; an existing one is kept.
@@ -34,7 +40,11 @@ pub(crate) fn create(path: &Path) -> Result<(), Error> {
     match std::fs::create_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(Error::Io { op: "creating cgroup", path: path.to_owned(), source }),
+        Err(source) => Err(Error::Io {
+            op: "creating cgroup",
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -54,7 +64,11 @@ pub(crate) fn kill_all(root: &Path, timeout: Duration) -> Result<(), Error> {
     }
     let kill = root.join("cgroup.kill");
     if kill.exists() {
-        std::fs::write(&kill, "1").map_err(|source| Error::Io { op: "writing", path: kill, source })?;
+        std::fs::write(&kill, "1").map_err(|source| Error::Io {
+            op: "writing",
+            path: kill,
+            source,
+        })?;
     } else {
         // Kernels before 5.14 lack cgroup.kill: signal each member instead.
         for pid in pids_in_tree(root) {
@@ -64,7 +78,10 @@ pub(crate) fn kill_all(root: &Path, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     while populated(root) {
         if Instant::now() >= deadline {
-            return Err(Error::StillPopulated { path: root.to_owned(), pids: pids_in_tree(root) });
+            return Err(Error::StillPopulated {
+                path: root.to_owned(),
+                pids: pids_in_tree(root),
+            });
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -93,9 +110,14 @@ pub(crate) fn pids_in_tree(root: &Path) -> Vec<i32> {
 }
 
 fn subdirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<PathBuf> =
-        rd.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
     // `control` is removed last: its presence marks a directory as a cluster root
     // for the leftover scan until the very end.
     v.sort_by_key(|p| (p.file_name().is_some_and(|n| n == "control"), p.clone()));
@@ -120,7 +142,13 @@ pub(crate) fn remove_tree(root: &Path, timeout: Duration) -> Result<(), Error> {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(source) => return Err(Error::Io { op: "removing cgroup", path: root.to_owned(), source }),
+            Err(source) => {
+                return Err(Error::Io {
+                    op: "removing cgroup",
+                    path: root.to_owned(),
+                    source,
+                });
+            }
         }
     }
 }

@@ -20,8 +20,8 @@ use crate::{
     names::{ClusterName, PodRef, check_process_name},
     netns, process,
     status::{
-        ControlInfo, NamespaceInfo, NodeInfo, Owner, Phase, Place, PodInfo, ProcessInfo, STATE_VERSION, ServiceInfo,
-        ServicePort, Status, UnderlayInfo,
+        ControlInfo, NamespaceInfo, NodeInfo, Owner, Phase, Place, PodInfo, ProcessInfo,
+        STATE_VERSION, ServiceInfo, ServicePort, Status, UnderlayInfo,
     },
     teardown::{self, TeardownReport},
     topology::{ECHO_PORTS, Resolved, Topology},
@@ -230,7 +230,10 @@ impl Cluster {
     /// The pod `"namespace/name"`.
     pub fn pod(&self, pod: &str) -> Result<PodInfo, Error> {
         let pod: PodRef = pod.parse()?;
-        self.lock().pod(&pod).cloned().ok_or_else(|| Error::UnknownPod(pod.to_string()))
+        self.lock()
+            .pod(&pod)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPod(pod.to_string()))
     }
 
     /// All pods, in topology order.
@@ -240,7 +243,10 @@ impl Cluster {
 
     /// The node `name`.
     pub fn node(&self, name: &str) -> Result<NodeInfo, Error> {
-        self.lock().node(name).cloned().ok_or_else(|| Error::UnknownNode(name.to_owned()))
+        self.lock()
+            .node(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownNode(name.to_owned()))
     }
 
     /// All nodes, in topology order.
@@ -250,8 +256,13 @@ impl Cluster {
 
     /// The Service `"namespace/name"`.
     pub fn service(&self, service: &str) -> Result<ServiceInfo, Error> {
-        let r: PodRef = service.parse().map_err(|_| Error::UnknownService(service.to_owned()))?;
-        self.lock().service(&r.namespace, &r.name).cloned().ok_or_else(|| Error::UnknownService(service.to_owned()))
+        let r: PodRef = service
+            .parse()
+            .map_err(|_| Error::UnknownService(service.to_owned()))?;
+        self.lock()
+            .service(&r.namespace, &r.name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownService(service.to_owned()))
     }
 
     /// The control namespace.
@@ -261,7 +272,11 @@ impl Cluster {
 
     /// Path of a workspace binary in the binaries directory, checked to exist.
     pub fn binary(&self, name: &str) -> Result<PathBuf, Error> {
-        let dir = self.opts.binaries_dir.as_ref().ok_or(Error::NoBinariesDir)?;
+        let dir = self
+            .opts
+            .binaries_dir
+            .as_ref()
+            .ok_or(Error::NoBinariesDir)?;
         let path = dir.join(name);
         if !path.is_file() {
             return Err(Error::MissingBinary { path });
@@ -277,7 +292,10 @@ impl Cluster {
     pub fn command(&self, place: &Place, program: impl AsRef<OsStr>) -> Result<Command, Error> {
         let (netns, cgroup, _) = self.place_paths(place, "exec")?;
         cgroup::create(&cgroup)?;
-        let mut cmd = Command::new(resolve_program(self.opts.binaries_dir.as_deref(), program.as_ref()));
+        let mut cmd = Command::new(resolve_program(
+            self.opts.binaries_dir.as_deref(),
+            program.as_ref(),
+        ));
         cmd.env(crate::CLUSTER_ENV, self.opts.name.as_str());
         process::enter(&mut cmd, &netns, &cgroup, false)?;
         Ok(cmd)
@@ -294,7 +312,10 @@ impl Cluster {
         let (program, args) = argv.split_first().ok_or(Error::EmptyCommand)?;
         let mut cmd = self.pod_command(pod, program)?;
         cmd.args(args).stdin(Stdio::null());
-        cmd.output().map_err(|source| Error::Spawn { what: format!("{:?} in pod {pod}", program.as_ref()), source })
+        cmd.output().map_err(|source| Error::Spawn {
+            what: format!("{:?} in pod {pod}", program.as_ref()),
+            source,
+        })
     }
 
     /// Starts a long-running process in `place` under `name` (unique per place):
@@ -304,13 +325,27 @@ impl Cluster {
     /// `AMBIT_CLUSTER` set. The program is taken as given (see [`Cluster::binary`]).
     /// It is recorded in the state file and killed by `down`.
     pub fn spawn(&self, place: Place, name: &str, mut cmd: Command) -> Result<Process, Error> {
-        check_process_name(name).map_err(|reason| Error::InvalidProcessName { name: name.to_owned(), reason })?;
+        check_process_name(name).map_err(|reason| Error::InvalidProcessName {
+            name: name.to_owned(),
+            reason,
+        })?;
         self.reap();
         let (netns, cgroup, stem) = self.place_paths(&place, name)?;
-        if let Some(p) = self.lock().processes.iter().find(|p| p.place == place && p.name == name)
-            && process::is_alive(p.pid, Some(&cgroup::relative(&self.cgroup_mount, &p.cgroup)))
+        if let Some(p) = self
+            .lock()
+            .processes
+            .iter()
+            .find(|p| p.place == place && p.name == name)
+            && process::is_alive(
+                p.pid,
+                Some(&cgroup::relative(&self.cgroup_mount, &p.cgroup)),
+            )
         {
-            return Err(Error::ProcessRunning { name: name.to_owned(), place: place.to_string(), pid: p.pid });
+            return Err(Error::ProcessRunning {
+                name: name.to_owned(),
+                place: place.to_string(),
+                pid: p.pid,
+            });
         }
         cgroup::create(&cgroup)?;
         let log = self.lock().logs_dir.join(format!("{stem}.log"));
@@ -318,17 +353,38 @@ impl Cluster {
             .chain(cmd.get_args())
             .map(|s| s.to_string_lossy().into_owned())
             .collect();
-        let pid = self.spawn_detached(&mut cmd, &netns, &cgroup, &log, &format!("{name} in {place}"))?;
-        let info =
-            ProcessInfo { name: name.to_owned(), place: place.clone(), pid, cgroup: cgroup.clone(), log: log.clone(), command, running: true };
+        let pid = self.spawn_detached(
+            &mut cmd,
+            &netns,
+            &cgroup,
+            &log,
+            &format!("{name} in {place}"),
+        )?;
+        let info = ProcessInfo {
+            name: name.to_owned(),
+            place: place.clone(),
+            pid,
+            cgroup: cgroup.clone(),
+            log: log.clone(),
+            command,
+            running: true,
+        };
         {
             let mut st = self.lock();
-            st.processes.retain(|p| !(p.place == place && p.name == name));
+            st.processes
+                .retain(|p| !(p.place == place && p.name == name));
             st.processes.push(info);
         }
         self.save()?;
         let cgroup_rel = cgroup::relative(&self.cgroup_mount, &cgroup);
-        Ok(Process { name: name.to_owned(), place, pid, log, cgroup, cgroup_rel })
+        Ok(Process {
+            name: name.to_owned(),
+            place,
+            pid,
+            log,
+            cgroup,
+            cgroup_rel,
+        })
     }
 
     /// [`Cluster::spawn`] in the node `node`'s namespace (e.g. the node daemon).
@@ -379,13 +435,18 @@ impl Cluster {
 
     fn lock(&self) -> MutexGuard<'_, Status> {
         // A panic while holding the lock leaves the status usable: it is plain data.
-        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn save(&self) -> Result<(), Error> {
         let (path, json) = {
             let st = self.lock();
-            (st.state_file(), serde_json::to_vec_pretty(&*st).map_err(Error::Json)?)
+            (
+                st.state_file(),
+                serde_json::to_vec_pretty(&*st).map_err(Error::Json)?,
+            )
         };
         manifests::write_atomic(&path, &json)
     }
@@ -394,50 +455,98 @@ impl Cluster {
     fn place_paths(&self, place: &Place, name: &str) -> Result<(PathBuf, PathBuf, String), Error> {
         let st = self.lock();
         Ok(match place {
-            Place::Control => (st.control.netns_path(), st.control.cgroup.join(name), format!("control_{name}")),
+            Place::Control => (
+                st.control.netns_path(),
+                st.control.cgroup.join(name),
+                format!("control_{name}"),
+            ),
             Place::Node(n) => {
                 let node = st.node(n).ok_or_else(|| Error::UnknownNode(n.clone()))?;
-                (node.netns_path(), node.system_cgroup.join(name), format!("node_{n}_{name}"))
+                (
+                    node.netns_path(),
+                    node.system_cgroup.join(name),
+                    format!("node_{n}_{name}"),
+                )
             }
             Place::Pod(p) => {
                 let pod = st.pod(p).ok_or_else(|| Error::UnknownPod(p.to_string()))?;
-                (pod.netns_path(), pod.cgroup.clone(), format!("pod_{}_{name}", p.file_stem()))
+                (
+                    pod.netns_path(),
+                    pod.cgroup.clone(),
+                    format!("pod_{}_{name}", p.file_stem()),
+                )
             }
         })
     }
 
-    fn spawn_detached(&self, cmd: &mut Command, netns: &Path, cgroup: &Path, log: &Path, what: &str) -> Result<u32, Error> {
+    fn spawn_detached(
+        &self,
+        cmd: &mut Command,
+        netns: &Path,
+        cgroup: &Path,
+        log: &Path,
+        what: &str,
+    ) -> Result<u32, Error> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| Error::Io { op: "opening log", path: log.to_owned(), source })?;
-        let err = out.try_clone().map_err(|source| Error::Io { op: "duplicating log", path: log.to_owned(), source })?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err).env(crate::CLUSTER_ENV, self.opts.name.as_str());
+            .map_err(|source| Error::Io {
+                op: "opening log",
+                path: log.to_owned(),
+                source,
+            })?;
+        let err = out.try_clone().map_err(|source| Error::Io {
+            op: "duplicating log",
+            path: log.to_owned(),
+            source,
+        })?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env(crate::CLUSTER_ENV, self.opts.name.as_str());
         // The output goes to a file: ask for no terminal colours unless told otherwise.
         if !cmd.get_envs().any(|(k, _)| k == "NO_COLOR") {
             cmd.env("NO_COLOR", "1");
         }
         process::enter(cmd, netns, cgroup, true)?;
-        let child = cmd.spawn().map_err(|source| Error::Spawn { what: what.to_owned(), source })?;
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            what: what.to_owned(),
+            source,
+        })?;
         let pid = child.id();
-        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(child);
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
         Ok(pid)
     }
 
     /// Collects exited children so they do not linger as zombies.
     fn reap(&self) {
-        let mut children = self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     }
 
     /// Exit status of a child of this handle that has exited (and is reaped now).
     fn exited(&self, pid: u32) -> Option<std::process::ExitStatus> {
-        let mut children = self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = children.iter().position(|c| c.id() == pid)?;
-        let status = children[i].try_wait().ok().flatten()?;
-        children.remove(i);
-        Some(status)
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut exited = None;
+        children.retain_mut(|c| {
+            if c.id() != pid {
+                return true;
+            }
+            // try_wait reaps the child when it has exited.
+            exited = c.try_wait().ok().flatten();
+            exited.is_none()
+        });
+        exited
     }
 
     fn build(&self) -> Result<(), Error> {
@@ -463,8 +572,19 @@ impl Cluster {
                 .env("POD_IP", pod.ip.to_string())
                 .env("NODE_NAME", &pod.node)
                 .env("SERVICE_ACCOUNT", &pod.service_account);
-            let pid = self.spawn_detached(&mut cmd, &pod.netns_path(), &pod.cgroup, &pod.log, &format!("workload of pod {}", pod.pod_ref()))?;
-            if let Some(p) = self.lock().pods.iter_mut().find(|p| p.namespace == pod.namespace && p.name == pod.name) {
+            let pid = self.spawn_detached(
+                &mut cmd,
+                &pod.netns_path(),
+                &pod.cgroup,
+                &pod.log,
+                &format!("workload of pod {}", pod.pod_ref()),
+            )?;
+            if let Some(p) = self
+                .lock()
+                .pods
+                .iter_mut()
+                .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+            {
                 p.pid = Some(pid);
             }
         }
@@ -492,7 +612,9 @@ impl Cluster {
                 }
             }
             pending = still;
-            let Some(pod) = pending.first() else { return Ok(()) };
+            let Some(pod) = pending.first() else {
+                return Ok(());
+            };
             if Instant::now() >= deadline {
                 return Err(Error::NotListening {
                     what: format!("workload of pod {}", pod.pod_ref()),
@@ -508,17 +630,42 @@ impl Cluster {
 
     fn teardown(&self) -> Result<TeardownReport, Error> {
         let status = self.lock().clone();
-        let mut children = std::mem::take(&mut *self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        teardown::teardown(&self.opts.name, &self.opts.state_dir(), Some(&self.cgroup_mount), Some(&status), &mut children)
+        let mut children = std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        teardown::teardown(
+            &self.opts.name,
+            &self.opts.state_dir(),
+            Some(&self.cgroup_mount),
+            Some(&status),
+            &mut children,
+        )
     }
 
     fn print_logs_for_failed_test(&self) {
         let st = self.lock().clone();
-        eprintln!("--- simulated cluster {}: logs (the test failed) ---", st.name);
-        let logs = st.pods.iter().map(|p| (p.pod_ref().to_string(), p.log.clone()));
-        let logs = logs.chain(st.processes.iter().map(|p| (format!("{} ({})", p.name, p.place), p.log.clone())));
+        eprintln!(
+            "--- simulated cluster {}: logs (the test failed) ---",
+            st.name
+        );
+        let logs = st
+            .pods
+            .iter()
+            .map(|p| (p.pod_ref().to_string(), p.log.clone()));
+        let logs = logs.chain(
+            st.processes
+                .iter()
+                .map(|p| (format!("{} ({})", p.name, p.place), p.log.clone())),
+        );
         for (what, log) in logs {
-            eprintln!("--- {what}: {}\n{}", log.display(), process::log_tail(&log, 30));
+            eprintln!(
+                "--- {what}: {}\n{}",
+                log.display(),
+                process::log_tail(&log, 30)
+            );
         }
     }
 }
@@ -555,7 +702,10 @@ impl Process {
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         if self.is_running() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid.cast_signed()), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid.cast_signed()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     }
 
@@ -601,22 +751,43 @@ pub(crate) fn load_state(state_dir: &Path, name: &ClusterName) -> Result<Status,
     let text = match std::fs::read(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotFound { name: name.to_string(), path });
+            return Err(Error::NotFound {
+                name: name.to_string(),
+                path,
+            });
         }
-        Err(source) => return Err(Error::Io { op: "reading", path, source }),
+        Err(source) => {
+            return Err(Error::Io {
+                op: "reading",
+                path,
+                source,
+            });
+        }
     };
-    let status: Status = serde_json::from_slice(&text).map_err(|source| Error::CorruptState { path: path.clone(), source })?;
+    let status: Status = serde_json::from_slice(&text).map_err(|source| Error::CorruptState {
+        path: path.clone(),
+        source,
+    })?;
     if status.version != STATE_VERSION || status.name != *name {
         return Err(Error::CorruptState {
             path,
-            source: serde::de::Error::custom(format!("state of cluster {} version {}", status.name, status.version)),
+            source: serde::de::Error::custom(format!(
+                "state of cluster {} version {}",
+                status.name, status.version
+            )),
         });
     }
     Ok(status)
 }
 
 fn read_manifest(path: &Path) -> Result<String, Error> {
-    std::fs::read_to_string(path).map_err(|source| manifests::ManifestError::Read { path: path.to_owned(), source }.into())
+    std::fs::read_to_string(path).map_err(|source| {
+        manifests::ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        }
+        .into()
+    })
 }
 
 fn resolve_program(binaries_dir: Option<&Path>, program: &OsStr) -> PathBuf {
@@ -631,7 +802,12 @@ fn resolve_program(binaries_dir: Option<&Path>, program: &OsStr) -> PathBuf {
 }
 
 /// Computes the whole cluster description from the topology, before anything exists.
-pub(crate) fn plan(opts: &Options, cgroup_mount: &Path, topology: &Topology, r: &Resolved) -> Result<Status, Error> {
+pub(crate) fn plan(
+    opts: &Options,
+    cgroup_mount: &Path,
+    topology: &Topology,
+    r: &Resolved,
+) -> Result<Status, Error> {
     let name = &opts.name;
     let state_dir = opts.state_dir();
     let config_dir = state_dir.join("config");
@@ -658,7 +834,9 @@ pub(crate) fn plan(opts: &Options, cgroup_mount: &Path, topology: &Topology, r: 
         let (command, ready_ports) = match &wl.command {
             Some(cmd) => {
                 let mut cmd = cmd.clone();
-                cmd[0] = resolve_program(opts.binaries_dir.as_deref(), OsStr::new(&cmd[0])).to_string_lossy().into_owned();
+                cmd[0] = resolve_program(opts.binaries_dir.as_deref(), OsStr::new(&cmd[0]))
+                    .to_string_lossy()
+                    .into_owned();
                 (cmd, wl.ready_ports.clone().unwrap_or_default())
             }
             None => {
@@ -674,10 +852,18 @@ pub(crate) fn plan(opts: &Options, cgroup_mount: &Path, topology: &Topology, r: 
                 if let Some(v) = wl.labels.get("version") {
                     cmd.extend(["--version".to_owned(), v.clone()]);
                 }
-                (cmd, wl.ready_ports.clone().unwrap_or_else(|| ECHO_PORTS.to_vec()))
+                (
+                    cmd,
+                    wl.ready_ports
+                        .clone()
+                        .unwrap_or_else(|| ECHO_PORTS.to_vec()),
+                )
             }
         };
-        let node = nodes.iter().find(|n| n.name == rp.node).ok_or_else(|| Error::UnknownNode(rp.node.clone()))?;
+        let node = nodes
+            .iter()
+            .find(|n| n.name == rp.node)
+            .ok_or_else(|| Error::UnknownNode(rp.node.clone()))?;
         pods.push(PodInfo {
             namespace: rp.namespace.clone(),
             name: rp.name.clone(),
@@ -724,7 +910,14 @@ pub(crate) fn plan(opts: &Options, cgroup_mount: &Path, topology: &Topology, r: 
                 .filter(|p| p.namespace == rs.namespace && selects(&selector, &p.labels))
                 .map(PodInfo::pod_ref)
                 .collect();
-            ServiceInfo { namespace: rs.namespace.clone(), name: rs.name.clone(), cluster_ip: rs.cluster_ip, selector, ports, endpoints }
+            ServiceInfo {
+                namespace: rs.namespace.clone(),
+                name: rs.name.clone(),
+                cluster_ip: rs.cluster_ip,
+                selector,
+                ports,
+                endpoints,
+            }
         })
         .collect();
     Ok(Status {
@@ -743,12 +936,19 @@ pub(crate) fn plan(opts: &Options, cgroup_mount: &Path, topology: &Topology, r: 
             bridge: UNDERLAY_BRIDGE.to_owned(),
             cidr: topology.network.underlay_cidr,
         },
-        control: ControlInfo { netns: name.control_netns(), ip: r.control_ip, cgroup: cgroup_root.join("control") },
+        control: ControlInfo {
+            netns: name.control_netns(),
+            ip: r.control_ip,
+            cgroup: cgroup_root.join("control"),
+        },
         nodes,
         namespaces: topology
             .namespaces
             .iter()
-            .map(|n| NamespaceInfo { name: n.name.clone(), labels: n.labels.clone() })
+            .map(|n| NamespaceInfo {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+            })
             .collect(),
         pods,
         services,
@@ -762,7 +962,9 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 
 fn check_binaries(st: &Status) -> Result<(), Error> {
     for pod in &st.pods {
-        let Some(program) = pod.command.first() else { continue };
+        let Some(program) = pod.command.first() else {
+            continue;
+        };
         let p = Path::new(program);
         if p.is_absolute() && !p.is_file() {
             return Err(Error::MissingBinary { path: p.to_owned() });
@@ -772,12 +974,20 @@ fn check_binaries(st: &Status) -> Result<(), Error> {
 }
 
 fn check_absent(name: &ClusterName, st: &Status) -> Result<(), Error> {
-    let exists = |found: String| Err(Error::AlreadyExists { name: name.to_string(), found });
+    let exists = |found: String| {
+        Err(Error::AlreadyExists {
+            name: name.to_string(),
+            found,
+        })
+    };
     if st.state_dir.exists() {
         return exists(format!("state directory {}", st.state_dir.display()));
     }
     let prefix = name.netns_prefix();
-    let leftovers: Vec<String> = netns::list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let leftovers: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     if !leftovers.is_empty() {
         return exists(format!("network namespaces {}", leftovers.join(", ")));
     }
@@ -818,11 +1028,17 @@ fn claim_state_dir(opts: &Options, st: &Status) -> Result<(), Error> {
             nix::fcntl::RenameFlags::RENAME_NOREPLACE,
         ) {
             Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) => Err(Error::AlreadyExists {
-                name: opts.name.to_string(),
-                found: format!("state directory {}", st.state_dir.display()),
+            Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) => {
+                Err(Error::AlreadyExists {
+                    name: opts.name.to_string(),
+                    found: format!("state directory {}", st.state_dir.display()),
+                })
+            }
+            Err(e) => Err(Error::Io {
+                op: "renaming into place",
+                path: st.state_dir.clone(),
+                source: e.into(),
             }),
-            Err(e) => Err(Error::Io { op: "renaming into place", path: st.state_dir.clone(), source: e.into() }),
         }
     })();
     if result.is_err() {
@@ -857,14 +1073,25 @@ fn create_network(st: &Status) -> Result<(), Error> {
     let underlay = &st.underlay.netns;
     let ucidr = st.underlay.cidr;
     netns::add(underlay)?;
-    ip_in(underlay, &["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+    ip_in(
+        underlay,
+        &["link", "add", UNDERLAY_BRIDGE, "type", "bridge"],
+    )?;
     ip_in(underlay, &["link", "set", UNDERLAY_BRIDGE, "up"])?;
 
     // A namespace on the underlay: eth0 with `ip`, its peer `veth<host>` on br0.
     let join_underlay = |ns: &str, ip: std::net::Ipv4Addr| -> Result<(), Error> {
         let peer = format!("veth{}", host_number(&ucidr, ip));
-        ip_in(underlay, &["link", "add", &peer, "type", "veth", "peer", "name", ETH, "netns", ns])?;
-        ip_in(underlay, &["link", "set", &peer, "master", UNDERLAY_BRIDGE, "up"])?;
+        ip_in(
+            underlay,
+            &[
+                "link", "add", &peer, "type", "veth", "peer", "name", ETH, "netns", ns,
+            ],
+        )?;
+        ip_in(
+            underlay,
+            &["link", "set", &peer, "master", UNDERLAY_BRIDGE, "up"],
+        )?;
         ip_in(ns, &["addr", "add", &ucidr.with_host(ip), "dev", ETH])?;
         ip_in(ns, &["link", "set", ETH, "up"])?;
         Ok(())
@@ -874,31 +1101,86 @@ fn create_network(st: &Status) -> Result<(), Error> {
     join_underlay(&st.control.netns, st.control.ip)?;
     for node in &st.nodes {
         let ip = node.ip.to_string();
-        ip_in(&st.control.netns, &["route", "add", &node.pod_cidr.to_string(), "via", &ip, "dev", ETH])?;
+        ip_in(
+            &st.control.netns,
+            &[
+                "route",
+                "add",
+                &node.pod_cidr.to_string(),
+                "via",
+                &ip,
+                "dev",
+                ETH,
+            ],
+        )?;
     }
 
     for node in &st.nodes {
         netns::add(&node.netns)?;
         join_underlay(&node.netns, node.ip)?;
         ip_in(&node.netns, &["link", "add", NODE_BRIDGE, "type", "bridge"])?;
-        ip_in(&node.netns, &["addr", "add", &node.pod_cidr.with_host(node.gateway), "dev", NODE_BRIDGE])?;
+        ip_in(
+            &node.netns,
+            &[
+                "addr",
+                "add",
+                &node.pod_cidr.with_host(node.gateway),
+                "dev",
+                NODE_BRIDGE,
+            ],
+        )?;
         ip_in(&node.netns, &["link", "set", NODE_BRIDGE, "up"])?;
         netns::sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
         for other in st.nodes.iter().filter(|o| o.name != node.name) {
             let via = other.ip.to_string();
-            ip_in(&node.netns, &["route", "add", &other.pod_cidr.to_string(), "via", &via, "dev", ETH])?;
+            ip_in(
+                &node.netns,
+                &[
+                    "route",
+                    "add",
+                    &other.pod_cidr.to_string(),
+                    "via",
+                    &via,
+                    "dev",
+                    ETH,
+                ],
+            )?;
         }
     }
 
     for pod in &st.pods {
-        let node = st.node(&pod.node).ok_or_else(|| Error::UnknownNode(pod.node.clone()))?;
+        let node = st
+            .node(&pod.node)
+            .ok_or_else(|| Error::UnknownNode(pod.node.clone()))?;
         netns::add(&pod.netns)?;
         let peer = format!("veth{}", host_number(&node.pod_cidr, pod.ip));
-        ip_in(&node.netns, &["link", "add", &peer, "type", "veth", "peer", "name", ETH, "netns", &pod.netns])?;
-        ip_in(&node.netns, &["link", "set", &peer, "master", NODE_BRIDGE, "up"])?;
-        ip_in(&pod.netns, &["addr", "add", &node.pod_cidr.with_host(pod.ip), "dev", ETH])?;
+        ip_in(
+            &node.netns,
+            &[
+                "link", "add", &peer, "type", "veth", "peer", "name", ETH, "netns", &pod.netns,
+            ],
+        )?;
+        ip_in(
+            &node.netns,
+            &["link", "set", &peer, "master", NODE_BRIDGE, "up"],
+        )?;
+        ip_in(
+            &pod.netns,
+            &["addr", "add", &node.pod_cidr.with_host(pod.ip), "dev", ETH],
+        )?;
         ip_in(&pod.netns, &["link", "set", ETH, "up"])?;
-        ip_in(&pod.netns, &["route", "add", "default", "via", &pod.gateway.to_string(), "dev", ETH])?;
+        ip_in(
+            &pod.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &pod.gateway.to_string(),
+                "dev",
+                ETH,
+            ],
+        )?;
     }
     Ok(())
 }
@@ -906,7 +1188,9 @@ fn create_network(st: &Status) -> Result<(), Error> {
 fn refresh_running(st: &mut Status, cgroup_mount: &Path) {
     for pod in &mut st.pods {
         let rel = cgroup::relative(cgroup_mount, &pod.cgroup);
-        pod.running = pod.pid.is_some_and(|pid| process::is_alive(pid, Some(&rel)));
+        pod.running = pod
+            .pid
+            .is_some_and(|pid| process::is_alive(pid, Some(&rel)));
     }
     for p in &mut st.processes {
         let rel = cgroup::relative(cgroup_mount, &p.cgroup);

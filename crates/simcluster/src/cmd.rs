@@ -13,7 +13,10 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, Error> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| Error::CommandStart { command: command.clone(), source })?;
+        .map_err(|source| Error::CommandStart {
+            command: command.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(Error::Command {
             command,

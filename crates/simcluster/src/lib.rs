@@ -47,7 +47,8 @@
 //! - Node `i` (from 1) has the pod prefix `10.244.i.0/24`; its bridge `cni0` holds
 //!   `.1`, the pods' default gateway; pods get `.2`, `.3`, … in topology order.
 //!   Each node routes the other nodes' pod prefixes via their underlay addresses and
-//!   has `net.ipv4.ip_forward=1`; so does the control namespace's routing table.
+//!   has `net.ipv4.ip_forward=1`; the control namespace routes every pod prefix via
+//!   its node, so pods and the control plane reach each other.
 //! - Service VIPs from `10.96.0.10` up, in topology order. There is no kube-proxy:
 //!   without the mesh nothing answers on a VIP (the mesh daemon resolves VIPs).
 //!
@@ -115,14 +116,20 @@ pub use crate::{
     addr::Ipv4Cidr,
     cgroup::cgroup2_mount,
     cluster::{
-        CLUSTER_ENV, Cluster, DEFAULT_READY_TIMEOUT, DEFAULT_STATE_ROOT, ECHO_BINARY, Options, Process, STATE_FILE,
+        CLUSTER_ENV, Cluster, DEFAULT_READY_TIMEOUT, DEFAULT_STATE_ROOT, ECHO_BINARY, Options,
+        Process, STATE_FILE,
     },
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
-    names::{ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX, TEST_NAME_PREFIX},
+    names::{
+        ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
+        TEST_NAME_PREFIX,
+    },
     netns::NETNS_DIR,
     process::log_tail,
     status::{NodeInfo, Place, PodInfo, ProcessInfo, ServiceInfo, Status},
-    teardown::{TeardownReport, down, down_all, down_all_in, down_stale_test_clusters, list_clusters},
+    teardown::{
+        TeardownReport, down, down_all, down_all_in, down_stale_test_clusters, list_clusters,
+    },
     topology::{DEFAULT_TOPOLOGY_YAML, Topology, TopologyError},
 };
 
@@ -198,7 +205,9 @@ pub enum Error {
         source: serde_yaml::Error,
     },
     /// Something named like the cluster exists already.
-    #[error("cluster {name} already exists ({found}); remove it with `cargo xtask cluster down --name {name}`")]
+    #[error(
+        "cluster {name} already exists ({found}); remove it with `cargo xtask cluster down --name {name}`"
+    )]
     AlreadyExists {
         /// The cluster.
         name: String,

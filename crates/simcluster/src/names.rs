@@ -33,15 +33,23 @@ pub struct ClusterName(String);
 impl ClusterName {
     /// Validates `name`.
     pub fn new(name: &str) -> Result<Self, Error> {
-        let invalid = |reason| Error::InvalidName { name: name.to_owned(), reason };
+        let invalid = |reason| Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        };
         if name.is_empty() {
             return Err(invalid("empty"));
         }
         if name.len() > MAX_CLUSTER_NAME_LEN {
             return Err(invalid("longer than 24 characters"));
         }
-        if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(invalid("only lowercase letters, digits and '-' are allowed"));
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(invalid(
+                "only lowercase letters, digits and '-' are allowed",
+            ));
         }
         if name.starts_with('-') || name.ends_with('-') {
             return Err(invalid("must start and end with a letter or digit"));
@@ -53,12 +61,20 @@ impl ClusterName {
     }
 
     /// A fresh name for a test cluster, unique within this process and across
-    /// concurrently running test processes: `test-<pid hex><counter hex>`.
+    /// concurrently running test processes: `test-<pid hex>-<counter hex>`. The pid
+    /// lets [`crate::down_stale_test_clusters`] tell a running test's cluster from a
+    /// killed one's even when the state file is unreadable.
     pub fn unique_for_test() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // pid_max is at most 2^22, so the name stays far below the length limit.
-        Self(format!("{TEST_NAME_PREFIX}{:x}{n:x}", std::process::id()))
+        Self(format!("{TEST_NAME_PREFIX}{:x}-{n:x}", std::process::id()))
+    }
+
+    /// The pid in a [`ClusterName::unique_for_test`] name.
+    pub(crate) fn test_pid(&self) -> Option<u32> {
+        let (pid, _) = self.0.strip_prefix(TEST_NAME_PREFIX)?.split_once('-')?;
+        u32::from_str_radix(pid, 16).ok()
     }
 
     /// The name as a string.
@@ -157,7 +173,10 @@ pub struct PodRef {
 impl PodRef {
     /// The pod `namespace/name`.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
     /// File-name-safe form, `<namespace>_<pod>` (Kubernetes names never contain `_`).
@@ -208,7 +227,10 @@ pub(crate) fn check_dns_label(s: &str) -> Result<(), &'static str> {
     if s.len() > 63 {
         return Err("must be at most 63 characters");
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err("must consist of lowercase letters, digits and '-'");
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -222,7 +244,11 @@ pub(crate) fn check_process_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > 63 {
         return Err("must be 1-63 characters");
     }
-    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) || s.starts_with('.') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || s.starts_with('.')
+    {
         return Err("must consist of letters, digits, '-', '_' and '.', not starting with '.'");
     }
     if s == "exec" {
@@ -240,11 +266,26 @@ mod tests {
         for good in ["ambit", "a", "e2e-1f2a0", "x1-2-3"] {
             ClusterName::new(good).unwrap();
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a--b", "abcdefghijklmnopqrstuvwxyz"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a--b",
+            "abcdefghijklmnopqrstuvwxyz",
+        ] {
             assert!(ClusterName::new(bad).is_err(), "{bad}");
         }
-        assert!(ClusterName::unique_for_test().is_test());
-        assert_ne!(ClusterName::unique_for_test(), ClusterName::unique_for_test());
+        let t = ClusterName::unique_for_test();
+        assert!(t.is_test());
+        assert_eq!(t.test_pid(), Some(std::process::id()));
+        assert_eq!(ClusterName::new("test-zz").unwrap().test_pid(), None);
+        assert_ne!(
+            ClusterName::unique_for_test(),
+            ClusterName::unique_for_test()
+        );
     }
 
     #[test]
@@ -255,7 +296,10 @@ mod tests {
         assert_eq!(a.node_netns("node-1"), "ambit-a.node-1");
         assert_eq!(a.pod_netns(&pod), "ambit-a.production.checkout-0");
         assert_eq!(ClusterName::from_netns(&a.pod_netns(&pod)), Some(a.clone()));
-        assert_eq!(ClusterName::from_netns(&ab.underlay_netns()), Some(ab.clone()));
+        assert_eq!(
+            ClusterName::from_netns(&ab.underlay_netns()),
+            Some(ab.clone())
+        );
         assert!(!ab.underlay_netns().starts_with(&a.netns_prefix()));
         assert_eq!(ClusterName::from_netns("ambit-test"), None);
         assert_eq!(ClusterName::from_netns("other.x"), None);

@@ -28,7 +28,11 @@ pub(crate) fn delete(name: &str) -> Result<(), Error> {
     if !path(name).exists() {
         return Ok(());
     }
-    ip(&["netns", "delete", name]).map(drop)
+    match ip(&["netns", "delete", name]) {
+        // Someone else (a concurrent teardown) removed it meanwhile.
+        Err(_) if !path(name).exists() => Ok(()),
+        other => other.map(drop),
+    }
 }
 
 /// Names of all named namespaces.
@@ -36,10 +40,18 @@ pub(crate) fn list() -> Result<Vec<String>, Error> {
     let dir = match std::fs::read_dir(NETNS_DIR) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(Error::Io { op: "listing", path: NETNS_DIR.into(), source }),
+        Err(source) => {
+            return Err(Error::Io {
+                op: "listing",
+                path: NETNS_DIR.into(),
+                source,
+            });
+        }
     };
-    let mut names: Vec<String> =
-        dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect();
+    let mut names: Vec<String> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -49,13 +61,23 @@ pub(crate) fn pids(name: &str) -> Result<Vec<i32>, Error> {
     if !path(name).exists() {
         return Ok(Vec::new());
     }
-    let out = ip(&["netns", "pids", name])?;
-    Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+    match ip(&["netns", "pids", name]) {
+        Ok(out) => Ok(out
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()),
+        Err(_) if !path(name).exists() => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Sets a sysctl inside the namespace (per-namespace keys such as
 /// `net.ipv4.ip_forward`).
 pub(crate) fn sysctl(name: &str, key: &str, value: &str) -> Result<(), Error> {
     let setting = format!("{key}={value}");
-    run("ip", &["netns", "exec", name, "sysctl", "-q", "-w", &setting]).map(drop)
+    run(
+        "ip",
+        &["netns", "exec", name, "sysctl", "-q", "-w", &setting],
+    )
+    .map(drop)
 }

@@ -21,20 +21,36 @@ use crate::Error;
 ///
 /// Both files are opened here, before the fork; the child only calls `setns(2)`,
 /// `write(2)` and `setsid(2)`.
-pub(crate) fn enter(cmd: &mut Command, netns: &Path, cgroup: &Path, new_session: bool) -> Result<(), Error> {
+pub(crate) fn enter(
+    cmd: &mut Command,
+    netns: &Path,
+    cgroup: &Path,
+    new_session: bool,
+) -> Result<(), Error> {
     let ns: OwnedFd = File::open(netns)
-        .map_err(|source| Error::Io { op: "opening network namespace", path: netns.to_owned(), source })?
+        .map_err(|source| Error::Io {
+            op: "opening network namespace",
+            path: netns.to_owned(),
+            source,
+        })?
         .into();
     let procs_path = cgroup.join("cgroup.procs");
     let procs: OwnedFd = OpenOptions::new()
         .write(true)
         .open(&procs_path)
-        .map_err(|source| Error::Io { op: "opening", path: procs_path, source })?
+        .map_err(|source| Error::Io {
+            op: "opening",
+            path: procs_path,
+            source,
+        })?
         .into();
     // Both descriptors are close-on-exec (std opens files with O_CLOEXEC), so the
     // program never inherits them; the closure keeps them open until the Command is
     // dropped.
-    #[expect(unsafe_code, reason = "pre_exec is how a child enters a namespace and cgroup before exec")]
+    #[expect(
+        unsafe_code,
+        reason = "pre_exec is how a child enters a namespace and cgroup before exec"
+    )]
     // SAFETY: the closure runs in the forked child before exec and only makes the
     // async-signal-safe system calls setns, write and setsid on descriptors that stay
     // open for the life of the Command; it allocates nothing and takes no locks
@@ -97,14 +113,22 @@ pub(crate) fn is_alive(pid: u32, cgroup_rel: Option<&str>) -> bool {
 pub(crate) fn listening_ports(pid: u32) -> BTreeSet<u16> {
     let mut ports = BTreeSet::new();
     for file in ["tcp", "tcp6"] {
-        let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
+        let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
         for line in table.lines().skip(1) {
             let mut f = line.split_whitespace();
-            let (Some(local), Some(_remote), Some(state)) = (f.nth(1), f.next(), f.next()) else { continue };
+            let (Some(local), Some(_remote), Some(state)) = (f.nth(1), f.next(), f.next()) else {
+                continue;
+            };
             if state != "0A" {
                 continue; // not TCP_LISTEN
             }
-            if let Some(port) = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+            if let Some(port) = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
                 ports.insert(port);
             }
         }
@@ -122,7 +146,9 @@ pub(crate) fn kill(pid: i32) {
 pub(crate) fn pids_with_env(key: &str, value: &str) -> Vec<i32> {
     let needle = format!("{key}={value}");
     let me = std::process::id().to_string();
-    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     proc.filter_map(Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && *n != me)
@@ -138,7 +164,9 @@ pub(crate) fn pids_with_env(key: &str, value: &str) -> Vec<i32> {
 pub(crate) fn env_values(key: &str) -> BTreeSet<String> {
     let prefix = format!("{key}=");
     let me = std::process::id().to_string();
-    let Ok(proc) = std::fs::read_dir("/proc") else { return BTreeSet::new() };
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
     proc.filter_map(Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && *n != me)
@@ -154,7 +182,9 @@ pub(crate) fn env_values(key: &str) -> BTreeSet<String> {
 
 /// The last `lines` lines of a log file (at most the last 64 KiB are read).
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = File::open(path) else { return format!("(no log at {})", path.display()) };
+    let Ok(mut f) = File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
     let mut buf = Vec::new();
@@ -162,7 +192,11 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     let tail = all[all.len().saturating_sub(lines)..].join("\n");
-    if tail.is_empty() { "(log is empty)".to_owned() } else { tail }
+    if tail.is_empty() {
+        "(log is empty)".to_owned()
+    } else {
+        tail
+    }
 }
 
 #[cfg(test)]

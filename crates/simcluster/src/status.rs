@@ -1,11 +1,7 @@
 //! What a running cluster consists of: the contents of `state.json` and of
 //! `Cluster::status()` / `cargo xtask cluster status --json`.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -253,7 +249,9 @@ pub struct ProcessInfo {
 impl Status {
     /// The pod `namespace/name`.
     pub fn pod(&self, pod: &PodRef) -> Option<&PodInfo> {
-        self.pods.iter().find(|p| p.namespace == pod.namespace && p.name == pod.name)
+        self.pods
+            .iter()
+            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
     }
 
     /// The node called `name`.
@@ -263,7 +261,9 @@ impl Status {
 
     /// The Service `namespace/name`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
-        self.services.iter().find(|s| s.namespace == namespace && s.name == name)
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
     }
 
     /// Every network namespace of the cluster, underlay first, pods last.
@@ -310,7 +310,10 @@ impl Owner {
     /// The calling process.
     pub fn current() -> Option<Self> {
         let pid = std::process::id();
-        Some(Self { pid, start_time: crate::process::start_time(pid)? })
+        Some(Self {
+            pid,
+            start_time: crate::process::start_time(pid)?,
+        })
     }
 
     /// Whether that very process (not a later one with the same pid) is alive.

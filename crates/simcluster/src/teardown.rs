@@ -61,7 +61,13 @@ pub fn down(opts: &Options) -> Result<TeardownReport, Error> {
         }
     };
     let mount = opts.find_cgroup_mount().ok();
-    teardown(&opts.name, &opts.state_dir(), mount.as_deref(), known.as_ref(), &mut Vec::new())
+    teardown(
+        &opts.name,
+        &opts.state_dir(),
+        mount.as_deref(),
+        known.as_ref(),
+        &mut Vec::new(),
+    )
 }
 
 /// Tears down every Ambit cluster under the default state root, including leftovers
@@ -76,21 +82,33 @@ pub fn down_all_in(state_root: &Path) -> Result<Vec<TeardownReport>, Error> {
 }
 
 /// Tears down test clusters (named [`crate::TEST_NAME_PREFIX`]…) whose owning process
-/// is gone: the leftovers of killed test runs. Clusters of running tests and clusters
-/// with other names are never touched.
+/// is gone: the leftovers of killed test runs. The owner is the one in the state file
+/// or, when that is unreadable, the pid in a [`ClusterName::unique_for_test`] name.
+/// Clusters of running tests and clusters with other names are never touched.
 pub fn down_stale_test_clusters() -> Result<Vec<TeardownReport>, Error> {
     down_matching(Path::new(DEFAULT_STATE_ROOT), |name, state| {
-        name.is_test() && !state.is_some_and(|s| s.owner.is_some_and(|o| o.is_alive()))
+        let owner_alive = match state {
+            Some(s) => s.owner.is_some_and(|o| o.is_alive()),
+            None => name
+                .test_pid()
+                .is_some_and(|pid| process::start_time(pid).is_some()),
+        };
+        name.is_test() && !owner_alive
     })
 }
 
 /// Names of all clusters found under `state_root` or by their kernel objects.
 pub fn list_clusters(state_root: &Path) -> Result<Vec<ClusterName>, Error> {
     let mount = cgroup::cgroup2_mount().ok();
-    Ok(discover(state_root, mount.as_deref())?.into_iter().collect())
+    Ok(discover(state_root, mount.as_deref())?
+        .into_iter()
+        .collect())
 }
 
-fn down_matching(state_root: &Path, pick: impl Fn(&ClusterName, Option<&Status>) -> bool) -> Result<Vec<TeardownReport>, Error> {
+fn down_matching(
+    state_root: &Path,
+    pick: impl Fn(&ClusterName, Option<&Status>) -> bool,
+) -> Result<Vec<TeardownReport>, Error> {
     let mount = cgroup::cgroup2_mount().ok();
     let mut reports = Vec::new();
     let mut problems = Vec::new();
@@ -100,7 +118,13 @@ fn down_matching(state_root: &Path, pick: impl Fn(&ClusterName, Option<&Status>)
         if !pick(&name, known.as_ref()) {
             continue;
         }
-        match teardown(&name, &state_dir, mount.as_deref(), known.as_ref(), &mut Vec::new()) {
+        match teardown(
+            &name,
+            &state_dir,
+            mount.as_deref(),
+            known.as_ref(),
+            &mut Vec::new(),
+        ) {
             Ok(r) => reports.push(r),
             Err(e) => problems.push(e),
         }
@@ -109,14 +133,20 @@ fn down_matching(state_root: &Path, pick: impl Fn(&ClusterName, Option<&Status>)
     if problems.is_empty() {
         Ok(reports)
     } else {
-        Err(Error::Teardown { name: "(several)".to_owned(), problems })
+        Err(Error::Teardown {
+            name: "(several)".to_owned(),
+            problems,
+        })
     }
 }
 
 /// Cluster names from state directories, network namespaces, cgroup roots (those
 /// with a `control` child, which `up` creates first and `down` removes last) and
 /// process environments.
-fn discover(state_root: &Path, cgroup_mount: Option<&Path>) -> Result<BTreeSet<ClusterName>, Error> {
+fn discover(
+    state_root: &Path,
+    cgroup_mount: Option<&Path>,
+) -> Result<BTreeSet<ClusterName>, Error> {
     let mut names = BTreeSet::new();
     if let Ok(rd) = std::fs::read_dir(state_root) {
         names.extend(
@@ -125,27 +155,44 @@ fn discover(state_root: &Path, cgroup_mount: Option<&Path>) -> Result<BTreeSet<C
                 .filter_map(|e| ClusterName::new(&e.file_name().to_string_lossy()).ok()),
         );
     }
-    names.extend(netns::list()?.iter().filter_map(|n| ClusterName::from_netns(n)));
+    names.extend(
+        netns::list()?
+            .iter()
+            .filter_map(|n| ClusterName::from_netns(n)),
+    );
     if let Some(mount) = cgroup_mount
         && let Ok(rd) = std::fs::read_dir(mount)
     {
         names.extend(
             rd.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with(RESOURCE_PREFIX) && e.path().join("control").is_dir())
+                .filter(|e| {
+                    e.file_name().to_string_lossy().starts_with(RESOURCE_PREFIX)
+                        && e.path().join("control").is_dir()
+                })
                 .filter_map(|e| ClusterName::from_cgroup_dir(&e.file_name().to_string_lossy())),
         );
     }
-    names.extend(process::env_values(CLUSTER_ENV).iter().filter_map(|v| ClusterName::new(v).ok()));
+    names.extend(
+        process::env_values(CLUSTER_ENV)
+            .iter()
+            .filter_map(|v| ClusterName::new(v).ok()),
+    );
     Ok(names)
 }
 
 /// Removes `.claim.<pid>.…` directories left by an `up` that died before renaming
 /// its state directory into place.
 fn remove_abandoned_claims(state_root: &Path) {
-    let Ok(rd) = std::fs::read_dir(state_root) else { return };
+    let Ok(rd) = std::fs::read_dir(state_root) else {
+        return;
+    };
     for e in rd.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(".claim.").and_then(|r| r.split('.').next()).and_then(|p| p.parse().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(".claim.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse().ok())
+        else {
             continue;
         };
         if process::start_time(pid).is_none() {
@@ -165,7 +212,10 @@ pub(crate) fn teardown(
     known: Option<&Status>,
     children: &mut Vec<Child>,
 ) -> Result<TeardownReport, Error> {
-    let mut report = TeardownReport { name: name.to_string(), ..Default::default() };
+    let mut report = TeardownReport {
+        name: name.to_string(),
+        ..Default::default()
+    };
     let mut problems = Vec::new();
     let cgroup_root = match (known, cgroup_mount) {
         (Some(s), _) => Some(s.cgroup_root.clone()),
@@ -223,7 +273,10 @@ pub(crate) fn teardown(
         let upid = pid.cast_unsigned();
         loop {
             if process::parent(upid) == Some(me) {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
             }
             if process::start_time(upid).is_none() {
                 break;
@@ -252,7 +305,10 @@ pub(crate) fn teardown(
         // Reap zombies among our children that were cgroup members.
         for &pid in &killed {
             if process::parent(pid.cast_unsigned()) == Some(me) {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
             }
         }
         match cgroup::remove_tree(&root, KILL_TIMEOUT) {
@@ -265,7 +321,12 @@ pub(crate) fn teardown(
     if problems.is_empty() && state_dir.exists() {
         match std::fs::remove_dir_all(state_dir) {
             Ok(()) => report.state_dir_removed = Some(state_dir.to_owned()),
-            Err(source) => problems.push(Error::Io { op: "removing", path: state_dir.to_owned(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => problems.push(Error::Io {
+                op: "removing",
+                path: state_dir.to_owned(),
+                source,
+            }),
         }
     }
 
@@ -273,6 +334,9 @@ pub(crate) fn teardown(
         tracing::info!(cluster = %name, ?report, "cluster torn down");
         Ok(report)
     } else {
-        Err(Error::Teardown { name: name.to_string(), problems })
+        Err(Error::Teardown {
+            name: name.to_string(),
+            problems,
+        })
     }
 }

@@ -275,25 +275,36 @@ fn default_service_account() -> String {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { underlay_cidr: default_underlay(), service_ip_start: default_service_ip_start() }
+        Self {
+            underlay_cidr: default_underlay(),
+            service_ip_start: default_service_ip_start(),
+        }
     }
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> TopologyError {
-    TopologyError::Invalid { field: field.into(), reason: reason.into() }
+    TopologyError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 impl Topology {
     /// The default topology, a small shop: see `topologies/default.yaml`.
     pub fn default_shop() -> Self {
-        #[expect(clippy::expect_used, reason = "the embedded file is checked by a unit test")]
+        #[expect(
+            clippy::expect_used,
+            reason = "the embedded file is checked by a unit test"
+        )]
         Self::from_yaml(DEFAULT_TOPOLOGY_YAML).expect("embedded default topology is valid")
     }
 
     /// Reads and validates a topology file.
     pub fn from_file(path: &Path) -> Result<Self, TopologyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| TopologyError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path.display().to_string())
     }
 
@@ -318,9 +329,14 @@ impl Topology {
     pub fn resolve(&self) -> Result<Resolved, TopologyError> {
         let underlay = self.network.underlay_cidr;
         if underlay.prefix_len() > 28 {
-            return Err(invalid("network.underlayCidr", "must be /28 or larger (nodes start at host 11)"));
+            return Err(invalid(
+                "network.underlayCidr",
+                "must be /28 or larger (nodes start at host 11)",
+            ));
         }
-        let control_ip = underlay.host(CONTROL_HOST).ok_or_else(|| invalid("network.underlayCidr", "too small"))?;
+        let control_ip = underlay
+            .host(CONTROL_HOST)
+            .ok_or_else(|| invalid("network.underlayCidr", "too small"))?;
 
         if self.nodes.is_empty() {
             return Err(invalid("nodes", "at least one node is needed"));
@@ -332,46 +348,88 @@ impl Topology {
             let field = format!("nodes[{i}]");
             check_dns_label(&spec.name).map_err(|r| invalid(format!("{field}.name"), r))?;
             if RESERVED_NODE_NAMES.contains(&spec.name.as_str()) {
-                return Err(invalid(format!("{field}.name"), format!("{:?} is reserved", spec.name)));
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} is reserved", spec.name),
+                ));
             }
             if node_index.insert(spec.name.clone(), i).is_some() {
-                return Err(invalid(format!("{field}.name"), format!("duplicate node {:?}", spec.name)));
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("duplicate node {:?}", spec.name),
+                ));
             }
             let ip = match spec.ip {
                 Some(ip) => {
-                    if !underlay.contains(ip) || underlay.host(u32::from(ip) - u32::from(underlay.network())).is_none() {
-                        return Err(invalid(format!("{field}.ip"), format!("{ip} is not a host address of {underlay}")));
+                    if !underlay.contains(ip)
+                        || underlay
+                            .host(u32::from(ip) - u32::from(underlay.network()))
+                            .is_none()
+                    {
+                        return Err(invalid(
+                            format!("{field}.ip"),
+                            format!("{ip} is not a host address of {underlay}"),
+                        ));
                     }
                     ip
                 }
                 None => u32::try_from(i)
                     .ok()
                     .and_then(|i| underlay.host(FIRST_NODE_HOST + i))
-                    .ok_or_else(|| invalid(format!("{field}.ip"), format!("{underlay} has no address left")))?,
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{field}.ip"),
+                            format!("{underlay} has no address left"),
+                        )
+                    })?,
             };
             if let Some(owner) = taken_ips.insert(ip, spec.name.clone()) {
-                return Err(invalid(format!("{field}.ip"), format!("{ip} is already used by {owner}")));
+                return Err(invalid(
+                    format!("{field}.ip"),
+                    format!("{ip} is already used by {owner}"),
+                ));
             }
             let pod_cidr = match spec.pod_cidr {
                 Some(c) => c,
                 None => u8::try_from(i + 1)
                     .map(|n| Ipv4Cidr::new(Ipv4Addr::new(10, 244, n, 0), 24))
-                    .map_err(|_| invalid(format!("{field}.podCidr"), "no default pod prefix beyond 255 nodes"))?,
+                    .map_err(|_| {
+                        invalid(
+                            format!("{field}.podCidr"),
+                            "no default pod prefix beyond 255 nodes",
+                        )
+                    })?,
             };
             if pod_cidr.prefix_len() > 29 {
                 return Err(invalid(format!("{field}.podCidr"), "must be /29 or larger"));
             }
             if pod_cidr.overlaps(&underlay) {
-                return Err(invalid(format!("{field}.podCidr"), format!("{pod_cidr} overlaps the underlay {underlay}")));
-            }
-            if let Some(other) = nodes.iter().find(|n: &&ResolvedNode| n.pod_cidr.overlaps(&pod_cidr)) {
                 return Err(invalid(
                     format!("{field}.podCidr"),
-                    format!("{pod_cidr} overlaps {} of node {}", other.pod_cidr, other.name),
+                    format!("{pod_cidr} overlaps the underlay {underlay}"),
                 ));
             }
-            let gateway = pod_cidr.host(GATEWAY_HOST).ok_or_else(|| invalid(format!("{field}.podCidr"), "too small"))?;
-            nodes.push(ResolvedNode { name: spec.name.clone(), ip, pod_cidr, gateway });
+            if let Some(other) = nodes
+                .iter()
+                .find(|n: &&ResolvedNode| n.pod_cidr.overlaps(&pod_cidr))
+            {
+                return Err(invalid(
+                    format!("{field}.podCidr"),
+                    format!(
+                        "{pod_cidr} overlaps {} of node {}",
+                        other.pod_cidr, other.name
+                    ),
+                ));
+            }
+            let gateway = pod_cidr
+                .host(GATEWAY_HOST)
+                .ok_or_else(|| invalid(format!("{field}.podCidr"), "too small"))?;
+            nodes.push(ResolvedNode {
+                name: spec.name.clone(),
+                ip,
+                pod_cidr,
+                gateway,
+            });
         }
 
         let mut pods = Vec::new();
@@ -381,7 +439,10 @@ impl Topology {
             let field = format!("namespaces[{n}]");
             check_dns_label(&ns.name).map_err(|r| invalid(format!("{field}.name"), r))?;
             if !namespaces.insert(ns.name.as_str()) {
-                return Err(invalid(format!("{field}.name"), format!("duplicate namespace {:?}", ns.name)));
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("duplicate namespace {:?}", ns.name),
+                ));
             }
             check_labels(&ns.labels, &format!("{field}.labels"))?;
             let mut workloads = BTreeSet::new();
@@ -389,12 +450,19 @@ impl Topology {
                 let field = format!("{field}.workloads[{w}]");
                 check_dns_label(&wl.name).map_err(|r| invalid(format!("{field}.name"), r))?;
                 if !workloads.insert(wl.name.as_str()) {
-                    return Err(invalid(format!("{field}.name"), format!("duplicate workload {:?}", wl.name)));
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!("duplicate workload {:?}", wl.name),
+                    ));
                 }
-                check_dns_label(&wl.service_account).map_err(|r| invalid(format!("{field}.serviceAccount"), r))?;
+                check_dns_label(&wl.service_account)
+                    .map_err(|r| invalid(format!("{field}.serviceAccount"), r))?;
                 check_labels(&wl.labels, &format!("{field}.labels"))?;
                 if wl.nodes.is_empty() {
-                    return Err(invalid(format!("{field}.nodes"), "must place at least one pod"));
+                    return Err(invalid(
+                        format!("{field}.nodes"),
+                        "must place at least one pod",
+                    ));
                 }
                 if let Some(cmd) = &wl.command
                     && cmd.first().is_none_or(String::is_empty)
@@ -408,13 +476,20 @@ impl Topology {
                 }
                 for (r, node) in wl.nodes.iter().enumerate() {
                     let nfield = format!("{field}.nodes[{r}]");
-                    let &ni = node_index.get(node).ok_or_else(|| invalid(&nfield, format!("unknown node {node:?}")))?;
+                    let &ni = node_index
+                        .get(node)
+                        .ok_or_else(|| invalid(&nfield, format!("unknown node {node:?}")))?;
                     let name = format!("{}-{r}", wl.name);
-                    check_dns_label(&name).map_err(|r| invalid(format!("{field}.name"), format!("pod name {name:?} {r}")))?;
+                    check_dns_label(&name).map_err(|r| {
+                        invalid(format!("{field}.name"), format!("pod name {name:?} {r}"))
+                    })?;
                     let host = next_pod_host[ni];
                     next_pod_host[ni] += 1;
                     let ip = nodes[ni].pod_cidr.host(host).ok_or_else(|| {
-                        invalid(&nfield, format!("pod prefix {} of node {node} is full", nodes[ni].pod_cidr))
+                        invalid(
+                            &nfield,
+                            format!("pod prefix {} of node {node} is full", nodes[ni].pod_cidr),
+                        )
                     })?;
                     pods.push(ResolvedPod {
                         namespace: ns.name.clone(),
@@ -449,22 +524,35 @@ impl Topology {
                 let field = format!("namespaces[{n}].services[{s}]");
                 check_dns_label(&svc.name).map_err(|r| invalid(format!("{field}.name"), r))?;
                 if !names.insert(svc.name.as_str()) {
-                    return Err(invalid(format!("{field}.name"), format!("duplicate service {:?}", svc.name)));
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!("duplicate service {:?}", svc.name),
+                    ));
                 }
                 check_labels(&svc.selector, &format!("{field}.selector"))?;
                 if svc.selector.is_empty() {
-                    return Err(invalid(format!("{field}.selector"), "must select pods by at least one label"));
+                    return Err(invalid(
+                        format!("{field}.selector"),
+                        "must select pods by at least one label",
+                    ));
                 }
                 if svc.ports.is_empty() {
-                    return Err(invalid(format!("{field}.ports"), "at least one port is needed"));
+                    return Err(invalid(
+                        format!("{field}.ports"),
+                        "at least one port is needed",
+                    ));
                 }
                 let mut port_names = BTreeSet::new();
                 let mut port_numbers = BTreeSet::new();
                 for (p, port) in svc.ports.iter().enumerate() {
                     let pfield = format!("{field}.ports[{p}]");
-                    check_dns_label(&port.name).map_err(|r| invalid(format!("{pfield}.name"), r))?;
+                    check_dns_label(&port.name)
+                        .map_err(|r| invalid(format!("{pfield}.name"), r))?;
                     if !port_names.insert(port.name.as_str()) {
-                        return Err(invalid(format!("{pfield}.name"), format!("duplicate port name {:?}", port.name)));
+                        return Err(invalid(
+                            format!("{pfield}.name"),
+                            format!("duplicate port name {:?}", port.name),
+                        ));
                     }
                     if port.port == 0 {
                         return Err(invalid(format!("{pfield}.port"), "port 0"));
@@ -473,16 +561,19 @@ impl Topology {
                         return Err(invalid(format!("{pfield}.targetPort"), "port 0"));
                     }
                     if !port_numbers.insert((port.port, port.protocol.as_str())) {
-                        return Err(invalid(format!("{pfield}.port"), format!("duplicate port {}", port.port)));
+                        return Err(invalid(
+                            format!("{pfield}.port"),
+                            format!("duplicate port {}", port.port),
+                        ));
                     }
                 }
                 let cluster_ip = match svc.cluster_ip {
                     Some(ip) => ip,
                     None => loop {
                         let ip = Ipv4Addr::from(next_vip);
-                        next_vip = next_vip
-                            .checked_add(1)
-                            .ok_or_else(|| invalid("network.serviceIpStart", "ran out of addresses"))?;
+                        next_vip = next_vip.checked_add(1).ok_or_else(|| {
+                            invalid("network.serviceIpStart", "ran out of addresses")
+                        })?;
                         if !vips.contains(&ip) {
                             self.check_vip(ip, &nodes, "network.serviceIpStart")?;
                             vips.insert(ip);
@@ -490,18 +581,38 @@ impl Topology {
                         }
                     },
                 };
-                services.push(ResolvedService { namespace: ns.name.clone(), name: svc.name.clone(), cluster_ip });
+                services.push(ResolvedService {
+                    namespace: ns.name.clone(),
+                    name: svc.name.clone(),
+                    cluster_ip,
+                });
             }
         }
-        Ok(Resolved { control_ip, nodes, pods, services })
+        Ok(Resolved {
+            control_ip,
+            nodes,
+            pods,
+            services,
+        })
     }
 
-    fn check_vip(&self, ip: Ipv4Addr, nodes: &[ResolvedNode], field: &str) -> Result<(), TopologyError> {
+    fn check_vip(
+        &self,
+        ip: Ipv4Addr,
+        nodes: &[ResolvedNode],
+        field: &str,
+    ) -> Result<(), TopologyError> {
         if self.network.underlay_cidr.contains(ip) {
-            return Err(invalid(field, format!("{ip} lies in the underlay {}", self.network.underlay_cidr)));
+            return Err(invalid(
+                field,
+                format!("{ip} lies in the underlay {}", self.network.underlay_cidr),
+            ));
         }
         if let Some(n) = nodes.iter().find(|n| n.pod_cidr.contains(ip)) {
-            return Err(invalid(field, format!("{ip} lies in the pod prefix of node {}", n.name)));
+            return Err(invalid(
+                field,
+                format!("{ip} lies in the pod prefix of node {}", n.name),
+            ));
         }
         if ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
             return Err(invalid(field, format!("{ip} is not a unicast address")));
@@ -519,11 +630,18 @@ fn check_labels(labels: &BTreeMap<String, String>, field: &str) -> Result<(), To
     for (k, v) in labels {
         let name = k.rsplit('/').next().unwrap_or(k);
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if name.is_empty() || name.len() > 63 || !name.chars().all(ok_char) || k.matches('/').count() > 1 {
+        if name.is_empty()
+            || name.len() > 63
+            || !name.chars().all(ok_char)
+            || k.matches('/').count() > 1
+        {
             return Err(invalid(format!("{field}.{k}"), "invalid label key"));
         }
         if v.len() > 63 || !v.chars().all(ok_char) {
-            return Err(invalid(format!("{field}.{k}"), format!("invalid label value {v:?}")));
+            return Err(invalid(
+                format!("{field}.{k}"),
+                format!("invalid label value {v:?}"),
+            ));
         }
     }
     Ok(())
@@ -549,16 +667,31 @@ mod tests {
     fn default_shop_is_the_small_shop() {
         let t = Topology::default_shop();
         let r = t.resolve().unwrap();
-        let nodes: Vec<_> = r.nodes.iter().map(|n| (n.name.as_str(), n.ip.to_string(), n.pod_cidr.to_string())).collect();
+        let nodes: Vec<_> = r
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.ip.to_string(), n.pod_cidr.to_string()))
+            .collect();
         assert_eq!(
             nodes,
             [
-                ("node-1", "172.30.0.11".to_owned(), "10.244.1.0/24".to_owned()),
-                ("node-2", "172.30.0.12".to_owned(), "10.244.2.0/24".to_owned())
+                (
+                    "node-1",
+                    "172.30.0.11".to_owned(),
+                    "10.244.1.0/24".to_owned()
+                ),
+                (
+                    "node-2",
+                    "172.30.0.12".to_owned(),
+                    "10.244.2.0/24".to_owned()
+                )
             ]
         );
-        let pods: Vec<_> =
-            r.pods.iter().map(|p| format!("{}/{}@{}={}", p.namespace, p.name, p.node, p.ip)).collect();
+        let pods: Vec<_> = r
+            .pods
+            .iter()
+            .map(|p| format!("{}/{}@{}={}", p.namespace, p.name, p.node, p.ip))
+            .collect();
         assert_eq!(
             pods,
             [
@@ -570,8 +703,19 @@ mod tests {
                 "legacy/legacy-client-0@node-1=10.244.1.4",
             ]
         );
-        let vips: Vec<_> = r.services.iter().map(|s| format!("{}={}", s.name, s.cluster_ip)).collect();
-        assert_eq!(vips, ["checkout=10.96.0.10", "payment=10.96.0.11", "inventory=10.96.0.12"]);
+        let vips: Vec<_> = r
+            .services
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.cluster_ip))
+            .collect();
+        assert_eq!(
+            vips,
+            [
+                "checkout=10.96.0.10",
+                "payment=10.96.0.11",
+                "inventory=10.96.0.12"
+            ]
+        );
         assert_eq!(r.control_ip, Ipv4Addr::new(172, 30, 0, 2));
         assert_eq!(r.nodes[0].gateway, Ipv4Addr::new(10, 244, 1, 1));
 
@@ -582,7 +726,10 @@ mod tests {
         assert!(t.namespaces[1].labels.is_empty());
         assert_eq!(t.namespaces[1].workloads[0].service_account, "default");
         let payment = &prod.services[1];
-        assert_eq!(payment.selector, BTreeMap::from([("app".to_owned(), "payment".to_owned())]));
+        assert_eq!(
+            payment.selector,
+            BTreeMap::from([("app".to_owned(), "payment".to_owned())])
+        );
         assert_eq!(payment.ports[0].target_port, Some(8080));
         assert_eq!(payment.ports[1].name, "tcp-echo");
     }
@@ -622,16 +769,46 @@ namespaces:
             ("nodes: [{name: a}, {name: a}]", "`nodes[1].name`"),
             ("nodes: [{name: underlay}]", "`nodes[0].name`"),
             ("nodes: [{name: a, ip: 10.0.0.1}]", "`nodes[0].ip`"),
-            ("nodes: [{name: a, podCidr: 172.30.0.0/16}]", "`nodes[0].podCidr`"),
-            ("nodes: [{name: a, podCidr: 10.0.0.0/16}, {name: b, podCidr: 10.0.5.0/24}]", "`nodes[1].podCidr`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [b]}]}]", "`namespaces[0].workloads[0].nodes[0]`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: []}]}]", "`namespaces[0].workloads[0].nodes`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a], command: []}]}]", "`namespaces[0].workloads[0].command`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, labels: {'a/b/c': x}}]", "`namespaces[0].labels.a/b/c`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: []}]}]", "`namespaces[0].services[0].ports`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: [{name: p, port: 1}, {name: p, port: 2}]}]}]", "`namespaces[0].services[0].ports[1].name`"),
-            ("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, clusterIP: 10.244.1.7, ports: [{name: p, port: 1}]}]}]", "`namespaces[0].services[0].clusterIP`"),
-            ("nodes: [{name: a, podCidr: 10.0.0.0/29}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a, a, a, a, a, a, a]}]}]", "`namespaces[0].workloads[0].nodes[5]`: pod prefix"),
+            (
+                "nodes: [{name: a, podCidr: 172.30.0.0/16}]",
+                "`nodes[0].podCidr`",
+            ),
+            (
+                "nodes: [{name: a, podCidr: 10.0.0.0/16}, {name: b, podCidr: 10.0.5.0/24}]",
+                "`nodes[1].podCidr`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [b]}]}]",
+                "`namespaces[0].workloads[0].nodes[0]`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: []}]}]",
+                "`namespaces[0].workloads[0].nodes`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a], command: []}]}]",
+                "`namespaces[0].workloads[0].command`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, labels: {'a/b/c': x}}]",
+                "`namespaces[0].labels.a/b/c`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: []}]}]",
+                "`namespaces[0].services[0].ports`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: [{name: p, port: 1}, {name: p, port: 2}]}]}]",
+                "`namespaces[0].services[0].ports[1].name`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, clusterIP: 10.244.1.7, ports: [{name: p, port: 1}]}]}]",
+                "`namespaces[0].services[0].clusterIP`",
+            ),
+            (
+                "nodes: [{name: a, podCidr: 10.0.0.0/29}]\nnamespaces: [{name: x, workloads: [{name: w, nodes: [a, a, a, a, a, a, a]}]}]",
+                "`namespaces[0].workloads[0].nodes[5]`: pod prefix",
+            ),
         ];
         for (yaml, want) in cases {
             let e = err_text(yaml);
@@ -643,7 +820,9 @@ namespaces:
     fn parse_errors_name_the_field() {
         let e = err_text("nodes: [{name: a, nmae: b}]");
         assert!(e.contains("nmae"), "{e}");
-        let e = err_text("nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: [{name: p, port: 70000}]}]}]");
+        let e = err_text(
+            "nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, ports: [{name: p, port: 70000}]}]}]",
+        );
         assert!(e.contains("port"), "{e}");
         let e = err_text("nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{nodes: [a]}]}]");
         assert!(e.contains("missing field `name`"), "{e}");
