@@ -6,4 +6,6 @@
 pub mod diagnostics;
 pub mod model;
 pub mod resources;
+pub mod source;
+pub mod view;
 pub mod validate;
