@@ -7,5 +7,5 @@ pub mod diagnostics;
 pub mod model;
 pub mod resources;
 pub mod source;
-pub mod view;
 pub mod validate;
+pub mod view;
