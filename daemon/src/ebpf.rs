@@ -2,7 +2,8 @@
 //!
 //! `build.rs` builds `ebpf/ambit-ebpf` for the BPF target; the object is embedded here
 //! and parsed by aya at load time. Loading needs root (`CAP_BPF` + `CAP_NET_ADMIN`)
-//! and a kernel with BTF; bpffs is not needed (nothing is pinned yet).
+//! and a kernel with BTF. The probe here pins nothing; the capture programs in the same
+//! object are loaded, attached and pinned by [`crate::capture`].
 
 use std::{
     collections::HashMap,

@@ -2,6 +2,10 @@
 //! can drive it.
 //!
 //! - [`ebpf`]: the embedded eBPF programs and typed handles to load and attach them.
+//! - [`netns`]: running code in a pod's network namespace; the daemon's socket options.
+//! - [`capture`]: in-pod eBPF capture (enrolment, listeners, original destinations).
 #![deny(unsafe_code)]
 
+pub mod capture;
 pub mod ebpf;
+pub mod netns;

@@ -9,12 +9,20 @@
 //! constants so that the two sides cannot drift apart silently (the daemon's loader
 //! fails with the name it could not find).
 //!
-//! Layout of this crate as capture grows: one module per concern (`connect` for the
-//! connect4 counters today; the original-destination types keyed by socket cookie and
-//! by (netns cookie, port) go in a `capture` module beside it), everything re-exported
-//! at the root.
+//! One module per concern, everything re-exported at the root:
+//! - [`connect`]: the connect4 probe's counters (a smoke test of load, attach, readback);
+//! - [`capture`]: in-pod capture (original destinations, enrolled pods, listeners).
 #![cfg_attr(not(test), no_std)]
 
+pub mod capture;
 pub mod connect;
 
+pub use capture::{
+    CAPTURE_MAPS, CONNECT4_CAPTURE_PROGRAM, CONNECT6_CAPTURE_PROGRAM, CaptureSettings,
+    EXCLUDED_CIDRS_MAP, EXCLUDED_PORTS_MAP, Exclusion, HBONE_PORT, INBOUND_PORT,
+    INBOUND_SOCKETS_MAP, LAYOUT_VERSION, ListenerKey, MAX_EXCLUSIONS, MAX_INBOUND_SOCKETS,
+    MAX_ORIG_DST, MAX_PODS, ORIG_DST_BY_SOCKET_MAP, ORIG_DST_MAP, OUTBOUND_PORT, OrigDstKey,
+    OrigDstV4, PODS_BY_IP_MAP, PODS_BY_NETNS_MAP, PodEntry, SETTINGS_MAP,
+    SK_LOOKUP_CAPTURE_PROGRAM, SOCKOPS_CAPTURE_PROGRAM, ipv4_from_wire, ipv4_to_wire,
+};
 pub use connect::{CONNECT_COUNTS_MAP, CONNECT_COUNTS_MAX_ENTRIES, CONNECT4_PROGRAM, ConnectKey};

@@ -1,6 +1,10 @@
 //! Ambit's eBPF programs, built for `bpfel-unknown-none` by the daemon's `build.rs`
 //! (aya-build) and embedded in the daemon, which loads them with aya.
 //!
+//! - `probe_connect4` (here): counts connects per destination, a smoke test of load,
+//!   attach and map readback.
+//! - [`capture`]: in-pod traffic capture (connect4/6, sockops, sk_lookup).
+//!
 //! Built for the host (as `cargo clippy --workspace` and `cargo test --workspace` do),
 //! the programs still type-check but the binary is an empty `main`.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -20,6 +24,8 @@
     reason = "eBPF programs read their kernel context through raw pointers and export \
               unmangled symbols in named ELF sections"
 )]
+
+mod capture;
 
 use ambit_ebpf_common::{CONNECT_COUNTS_MAX_ENTRIES, ConnectKey};
 use aya_ebpf::{
