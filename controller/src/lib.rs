@@ -3,9 +3,18 @@
 //! told about it ([`diagnostics`]).
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod auth;
+pub mod ca;
 pub mod diagnostics;
+pub mod index;
+pub mod metrics;
 pub mod model;
+pub mod push;
 pub mod resources;
 pub mod source;
+pub mod status;
+pub mod translate;
 pub mod validate;
 pub mod view;
+pub mod world;

@@ -134,11 +134,16 @@ fn waypoint_skeleton() {
 
 #[test]
 fn controller_skeleton() {
+    // The controller generates and persists its root CA in the state directory.
+    let state = tempfile::tempdir().unwrap();
+    let config_dir = state.path().join("config-appears-later");
     check_skeleton(
         "ambit-controller",
         &[
             "--config-dir",
-            "/nonexistent-for-now",
+            config_dir.to_str().unwrap(),
+            "--state-dir",
+            state.path().to_str().unwrap(),
             "--grpc-addr",
             "127.0.0.1:0",
         ],

@@ -1,7 +1,7 @@
 //! `cargo xtask cluster …`: the simulated cluster from the command line.
 //!
 //! ```text
-//! cargo xtask cluster up [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster up [--mesh] [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
 //! cargo xtask cluster status [--json]
 //! cargo xtask cluster exec NAMESPACE/POD -- CMD…
 //! cargo xtask cluster apply FILE | delete FILE
@@ -18,8 +18,8 @@ use std::{
 };
 
 use ambit_simcluster::{
-    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, Options, Status,
-    TeardownReport, Topology,
+    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, MeshOptions, Options,
+    Status, TeardownReport, Topology,
 };
 use anyhow::{Context as _, bail};
 
@@ -91,6 +91,13 @@ struct UpArgs {
     /// Seconds to wait for the workloads to listen.
     #[arg(long, default_value_t = 30)]
     ready_timeout: u64,
+    /// Also start the mesh control plane: ambit-controller in local mode in the
+    /// control namespace, with per-node bootstrap tokens.
+    #[arg(long)]
+    mesh: bool,
+    /// Extra flag for ambit-controller (repeatable), e.g. `--controller-arg=--cert-ttl=1h`.
+    #[arg(long = "controller-arg", requires = "mesh", allow_hyphen_values = true)]
+    controller_args: Vec<String>,
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -172,9 +179,15 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
             bin_dir.display()
         );
     }
-    let opts = opts
+    let mut opts = opts
         .binaries_dir(bin_dir)
         .ready_timeout(Duration::from_secs(args.ready_timeout));
+    if args.mesh {
+        opts = opts.mesh(MeshOptions {
+            controller_args: args.controller_args.clone(),
+            ..MeshOptions::default()
+        });
+    }
     let name = opts.name.clone();
     eprintln!("▶ bringing cluster {name} up");
     let cluster = Cluster::up(opts, &topology)?;
@@ -188,6 +201,12 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
     };
     println!();
     println!("try: cargo xtask cluster exec{flag} production/checkout-0 -- ip addr");
+    if status.mesh.is_some() {
+        println!(
+            "     ip netns exec {} target/debug/ambitctl config-dump --admin 127.0.0.1:15000",
+            status.control.netns
+        );
+    }
     println!("tear down: cargo xtask cluster down{flag}");
     Ok(())
 }
@@ -327,6 +346,26 @@ fn print_status(st: &Status) {
             ]
         }),
     );
+    if let Some(mesh) = &st.mesh {
+        let c = &mesh.controller;
+        println!();
+        println!(
+            "mesh control plane ({}, pid {}, in {})",
+            c.process, c.pid, st.control.netns
+        );
+        println!("  gRPC (push, CA)  {}", c.grpc_addr);
+        println!("  readiness        {} (control netns)", c.readiness_addr);
+        println!(
+            "  admin            {} (control netns: /config_dump, /metrics)",
+            c.admin_addr
+        );
+        println!("  state dir        {}", c.state_dir.display());
+        println!("  tokens file      {}", c.tokens_file.display());
+        println!("  log              {}", c.log.display());
+        for (node, path) in &mesh.node_tokens {
+            println!("  token {node:<10} {}", path.display());
+        }
+    }
     if !st.processes.is_empty() {
         println!();
         table(

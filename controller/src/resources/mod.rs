@@ -32,7 +32,7 @@ pub mod security;
 
 pub use gateway::{GRPCRoute, Gateway, HTTPRoute};
 pub use networking::{DestinationRule, VirtualService};
-pub use parse::parse_documents;
+pub use parse::{parse_documents, parse_value};
 pub use security::{AuthorizationPolicy, PeerAuthentication};
 
 /// API group of Istio's security kinds.

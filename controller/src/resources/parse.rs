@@ -152,8 +152,41 @@ fn parse_document(origin: Origin, chunk: &Chunk) -> Option<ParsedDocument> {
         );
         return rejected(r, None);
     }
+    if value.is_null() {
+        return None;
+    }
+    Some(parse_tree(origin, value))
+}
+
+/// Parses one object already in tree form (a Kubernetes watch event, say), exactly as
+/// a YAML document with the same content would be: the same rejections, naming the
+/// same fields. `origin` names where it came from in messages.
+///
+/// Unlike [`parse_documents`], a `null` value is not skipped: it is rejected.
+pub fn parse_value(origin: Origin, value: serde_json::Value) -> ParsedDocument {
+    match serde_yaml::to_value(value) {
+        Ok(value) => parse_tree(origin, value),
+        // A JSON value always has a YAML form; keep the message if that ever changes.
+        Err(e) => ParsedDocument::Rejected(RejectedDocument {
+            rejection: Header::default().reject(
+                &origin,
+                FieldPath::root(),
+                format!("the object cannot be represented as YAML: {e}"),
+            ),
+            raw: None,
+        }),
+    }
+}
+
+/// Everything after reading the text: header, kind, version and typing.
+fn parse_tree(origin: Origin, value: Value) -> ParsedDocument {
+    let rejected = |rejection, raw| {
+        ParsedDocument::Rejected(RejectedDocument {
+            rejection,
+            raw: Some(raw),
+        })
+    };
     let map = match &value {
-        Value::Null => return None,
         Value::Mapping(m) => m,
         other => {
             let r = Header::default().reject(
@@ -164,31 +197,25 @@ fn parse_document(origin: Origin, chunk: &Chunk) -> Option<ParsedDocument> {
                     describe(other)
                 ),
             );
-            return rejected(r, Some(value));
+            return rejected(r, value);
         }
     };
     let (header, problem) = read_header(map);
     if let Some((field, reason)) = problem {
         let r = header.reject(&origin, field, reason);
-        return rejected(r, Some(value));
+        return rejected(r, value);
     }
     // read_header guarantees both on success.
     let (Some(api_version), Some(kind)) = (header.api_version.clone(), header.kind.clone()) else {
-        return None;
+        let r = header.reject(&origin, FieldPath::root(), "apiVersion or kind is missing");
+        return rejected(r, value);
     };
     let (group, version) = match api_version.rsplit_once('/') {
         Some((g, v)) => (g, v),
         None => ("", api_version.as_str()),
     };
     let Some(rk) = ResourceKind::lookup(group, &kind) else {
-        return Some(unknown_kind(
-            origin,
-            &header,
-            group,
-            &api_version,
-            &kind,
-            value,
-        ));
+        return unknown_kind(origin, &header, group, &api_version, &kind, value);
     };
     if !rk.versions().contains(&version) {
         let r = header.reject(
@@ -204,21 +231,21 @@ fn parse_document(origin: Origin, chunk: &Chunk) -> Option<ParsedDocument> {
                 rk.versions().join(", ")
             ),
         );
-        return rejected(r, Some(value));
+        return rejected(r, value);
     }
     let mut header = header;
     if rk.namespaced() && header.namespace.is_none() {
         header.namespace = Some("default".to_owned());
     }
     match typed(rk, map, &header) {
-        Ok(resource) => Some(ParsedDocument::Resource(ParsedResource {
+        Ok(resource) => ParsedDocument::Resource(ParsedResource {
             origin,
             api_version,
             resource,
-        })),
+        }),
         Err((field, reason)) => {
             let r = header.reject(&origin, field, reason);
-            rejected(r, Some(value))
+            rejected(r, value)
         }
     }
 }
@@ -500,6 +527,27 @@ fn crd_parts(map: &Mapping) -> Result<(ObjectMeta, Value), Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_values_are_parsed_like_yaml() {
+        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {action: DENY, rules: {from: []}}\n";
+        let from_yaml = parse_documents("k", yaml);
+        let json: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        let origin = Origin {
+            source: "k".into(),
+            document: 1,
+            line: 1,
+        };
+        assert_eq!(from_yaml, vec![parse_value(origin.clone(), json)]);
+        let ParsedDocument::Rejected(r) = &from_yaml[0] else {
+            panic!("accepted: {from_yaml:?}");
+        };
+        assert_eq!(r.rejection.field.as_str(), "spec.rules");
+        assert!(matches!(
+            parse_value(origin, serde_json::Value::Null),
+            ParsedDocument::Rejected(_)
+        ));
+    }
 
     #[test]
     fn splits_documents_and_keeps_lines() {

@@ -9,6 +9,9 @@
 
 use crate::resources::ParsedDocument;
 
+pub mod kube;
+pub mod local;
+
 /// A stable label for where documents came from: a file path, or a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct OriginId(pub String);

@@ -57,6 +57,8 @@ pub struct Options {
     pub cgroup_mount: Option<PathBuf>,
     /// How long `up` waits for each workload to listen on its ready ports.
     pub ready_timeout: Duration,
+    /// When set, `up` also starts the mesh control plane (see [`crate::mesh`]).
+    pub mesh: Option<crate::mesh::MeshOptions>,
 }
 
 impl Options {
@@ -68,6 +70,7 @@ impl Options {
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             cgroup_mount: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            mesh: None,
         }
     }
 
@@ -92,6 +95,13 @@ impl Options {
     /// Sets the readiness deadline of `up`.
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
+        self
+    }
+
+    /// Makes `up` start the mesh control plane once the workloads are ready
+    /// ([`Cluster::start_mesh_control`]).
+    pub fn mesh(mut self, mesh: crate::mesh::MeshOptions) -> Self {
+        self.mesh = Some(mesh);
         self
     }
 
@@ -451,6 +461,17 @@ impl Cluster {
         manifests::write_atomic(&path, &json)
     }
 
+    /// Records the mesh control plane in the state file.
+    pub(crate) fn set_mesh(&self, mesh: Option<crate::mesh::MeshInfo>) -> Result<(), Error> {
+        self.lock().mesh = mesh;
+        self.save()
+    }
+
+    /// The network namespace handle of a place.
+    pub(crate) fn netns_path_of(&self, place: &Place) -> Result<PathBuf, Error> {
+        Ok(self.place_paths(place, "exec")?.0)
+    }
+
     /// Network namespace handle, cgroup directory and log stem of a place.
     fn place_paths(&self, place: &Place, name: &str) -> Result<(PathBuf, PathBuf, String), Error> {
         let st = self.lock();
@@ -556,6 +577,9 @@ impl Cluster {
         manifests::write_atomic(&st.cluster_config, manifests::cluster_yaml(&st)?.as_bytes())?;
         self.start_workloads(&st)?;
         self.wait_ready()?;
+        if let Some(mesh) = &self.opts.mesh {
+            self.start_mesh_control(mesh)?;
+        }
         self.lock().phase = Phase::Running;
         self.save()?;
         tracing::info!(cluster = %self.opts.name, "cluster is up");
@@ -953,6 +977,7 @@ pub(crate) fn plan(
         pods,
         services,
         processes: Vec::new(),
+        mesh: None,
     })
 }
 

@@ -73,6 +73,8 @@
 //!   state.json               the Status (what `status --json` prints) plus pids
 //!   config/00-cluster.yaml   generated Kubernetes objects (see `manifests`)
 //!   config/<group>_<kind>_<ns>_<name>.yaml   objects added with apply
+//!   controller/              the mesh controller's state (root CA), with `--mesh`
+//!   tokens/                  node bootstrap tokens (0600), with `--mesh` (module mesh)
 //!   logs/pod_<ns>_<pod>.log  workload stdout+stderr
 //!   logs/node_<node>_<process>.log, logs/control_<process>.log,
 //!   logs/pod_<ns>_<pod>_<process>.log       processes started with spawn_*
@@ -103,6 +105,7 @@ mod cgroup;
 mod cluster;
 mod cmd;
 pub mod manifests;
+pub mod mesh;
 mod names;
 mod netns;
 mod process;
@@ -120,6 +123,7 @@ pub use crate::{
         Process, STATE_FILE,
     },
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
+    mesh::{ControllerInfo, MeshInfo, MeshOptions},
     names::{
         ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
         TEST_NAME_PREFIX,
@@ -295,6 +299,20 @@ pub enum Error {
         ports: Vec<u16>,
         /// How long was waited.
         timeout: std::time::Duration,
+        /// Its log file.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// A process did not become ready in time.
+    #[error("{what} is not ready after {timeout:?} (last answer: {last}); last lines of {}:\n{tail}", log.display())]
+    NotReady {
+        /// Which process.
+        what: String,
+        /// How long was waited.
+        timeout: std::time::Duration,
+        /// The last readiness answer or error.
+        last: String,
         /// Its log file.
         log: PathBuf,
         /// The end of its log.

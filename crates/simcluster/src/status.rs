@@ -54,6 +54,9 @@ pub struct Status {
     pub services: Vec<ServiceInfo>,
     /// Processes started with `spawn_*` (daemons, controller, extra pod processes).
     pub processes: Vec<ProcessInfo>,
+    /// The mesh control plane, once started (`up --mesh`, `Cluster::start_mesh_control`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::MeshInfo>,
 }
 
 /// Life-cycle phase recorded in the state file.
