@@ -4,8 +4,10 @@
 //! - [`ebpf`]: the embedded eBPF programs and typed handles to load and attach them.
 //! - [`netns`]: running code in a pod's network namespace; the daemon's socket options.
 //! - [`capture`]: in-pod eBPF capture (enrolment, listeners, original destinations).
+//! - [`enroll`]: the enrolment server the `ambit-cni` plugin talks to.
 #![deny(unsafe_code)]
 
 pub mod capture;
 pub mod ebpf;
+pub mod enroll;
 pub mod netns;

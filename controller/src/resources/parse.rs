@@ -140,8 +140,12 @@ fn parse_document(origin: Origin, chunk: &Chunk) -> Option<ParsedDocument> {
                 ),
                 _ => format!("YAML syntax error: {msg}"),
             };
-            let r = Header::default().reject(&origin, FieldPath::root(), reason);
-            return rejected(r, None);
+            // The header and the policy action are still read line by line, so that
+            // a broken security policy keeps its fail-closed stand-in: an ALLOW
+            // policy that vanished on a typo would open its namespace.
+            let (header, raw) = salvage_header(&chunk.text);
+            let r = header.reject(&origin, FieldPath::root(), reason);
+            return rejected(r, raw);
         }
     };
     if let Err(e) = value.apply_merge() {
@@ -156,6 +160,65 @@ fn parse_document(origin: Origin, chunk: &Chunk) -> Option<ParsedDocument> {
         return None;
     }
     Some(parse_tree(origin, value))
+}
+
+/// Reads `apiVersion`, `kind`, `metadata.name`, `metadata.namespace` and `spec.action`
+/// from a document that is not valid YAML, by lines: top-level keys at column 0 and
+/// their first-level children. Returns the header and, when `kind` was found, a
+/// minimal tree with just those fields for the fail-closed stand-in. Flow-style or
+/// otherwise unusual layouts yield less; never more than the text says.
+fn salvage_header(text: &str) -> (Header, Option<Value>) {
+    fn scalar(v: &str) -> Option<String> {
+        let v = v.split(" #").next().unwrap_or(v).trim();
+        let v = v.trim_matches(|c| c == '"' || c == '\'');
+        let plain = !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '/' | '_'));
+        plain.then(|| v.to_owned())
+    }
+    let mut header = Header::default();
+    let mut action = None;
+    let mut section = "";
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let indented = line.starts_with([' ', '\t']);
+        let Some((key, value)) = line.trim().split_once(':') else {
+            continue;
+        };
+        if !indented {
+            section = key;
+            match key {
+                "apiVersion" => header.api_version = scalar(value),
+                "kind" => header.kind = scalar(value),
+                _ => {}
+            }
+            continue;
+        }
+        match (section, key) {
+            ("metadata", "name") => header.name = header.name.take().or(scalar(value)),
+            ("metadata", "namespace") => {
+                header.namespace = header.namespace.take().or(scalar(value));
+            }
+            ("spec", "action") => action = action.or(scalar(value)),
+            _ => {}
+        }
+    }
+    let raw = header.kind.as_ref().map(|kind| {
+        let mut doc = serde_yaml::Mapping::new();
+        if let Some(a) = &header.api_version {
+            doc.insert("apiVersion".into(), a.as_str().into());
+        }
+        doc.insert("kind".into(), kind.as_str().into());
+        if let Some(action) = &action {
+            let mut spec = serde_yaml::Mapping::new();
+            spec.insert("action".into(), action.as_str().into());
+            doc.insert("spec".into(), Value::Mapping(spec));
+        }
+        Value::Mapping(doc)
+    });
+    (header, raw)
 }
 
 /// Parses one object already in tree form (a Kubernetes watch event, say), exactly as

@@ -10,16 +10,28 @@
 //! node daemon (no request is parsed there) and request authentication (JWT), which
 //! Ambit does not implement, anywhere. Such a condition is *unknown*, and an unknown
 //! never widens access: it counts as "no match" for ALLOW and as "match" for DENY (and
-//! AUDIT). In addition, and exactly as Istio's ztunnel does, an ALLOW rule that names any
-//! HTTP attribute never matches at L4, even if an alternative in it could be decided.
+//! AUDIT). In addition, and exactly as Istio's ztunnel does, an ALLOW rule that names an
+//! attribute that cannot be evaluated where it is enforced never matches, even if an
+//! alternative in it could be decided: at L4 any HTTP attribute, anywhere request
+//! authentication and the other unevaluable attributes. This is what the wire protocol
+//! states for `Rule.unenforceable_fields` (`security.proto`), so a proxy evaluating the
+//! translated rules ([`crate::clause`]) decides exactly as this model does.
+//!
+//! [`authorize`] accepts any [`MatchPolicy`]: the model's [`AuthzPolicy`] or the
+//! normalised [`crate::clause::ClausePolicy`] the proxies receive. Which policy a
+//! [`Decision`] names does not depend on the order the policies are given in.
 
 use std::{fmt, net::IpAddr};
 
+use ambit_identity::SpiffeId;
 use serde::{Deserialize, Serialize};
 
-use super::types::{
-    Cidr, Enforcement, NamespaceName, ObjectId, PortNumber, StringMatch, WorkloadRef,
-    WorkloadSelector,
+use crate::{
+    tri::{Tri, any_of, field},
+    types::{
+        Cidr, Enforcement, NamespaceName, ObjectId, PortNumber, StringMatch, WorkloadRef,
+        WorkloadSelector,
+    },
 };
 
 /// What a policy does when one of its rules matches.
@@ -316,7 +328,9 @@ impl PathPattern {
         Ok(Self::Match(m))
     }
 
-    fn parse_template(path: &str) -> Result<Self, PathPatternError> {
+    /// Parses a path template as the wire protocol's `path_template` carries it:
+    /// `/`-separated segments, each literal, `{*}` or (last only) `{**}`.
+    pub fn parse_template(path: &str) -> Result<Self, PathPatternError> {
         let bad = |problem| PathPatternError::BadTemplate {
             path: path.to_owned(),
             problem,
@@ -388,6 +402,16 @@ pub struct PeerIdentity {
     pub namespace: String,
     /// The peer's service account.
     pub service_account: String,
+}
+
+impl From<&SpiffeId> for PeerIdentity {
+    fn from(id: &SpiffeId) -> Self {
+        Self {
+            trust_domain: id.trust_domain().as_str().to_owned(),
+            namespace: id.namespace().to_owned(),
+            service_account: id.service_account().to_owned(),
+        }
+    }
 }
 
 impl PeerIdentity {
@@ -475,62 +499,6 @@ impl Decision {
     pub fn is_allowed(&self) -> bool {
         self.verdict == Verdict::Allow
     }
-}
-
-/// Three-valued match: an attribute that cannot be known here is `Unknown`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tri {
-    No,
-    Yes,
-    Unknown,
-}
-
-impl Tri {
-    fn from_bool(b: bool) -> Self {
-        if b { Self::Yes } else { Self::No }
-    }
-
-    fn and(self, other: Self) -> Self {
-        match (self, other) {
-            (Self::No, _) | (_, Self::No) => Self::No,
-            (Self::Yes, Self::Yes) => Self::Yes,
-            _ => Self::Unknown,
-        }
-    }
-
-    fn or(self, other: Self) -> Self {
-        match (self, other) {
-            (Self::Yes, _) | (_, Self::Yes) => Self::Yes,
-            (Self::No, Self::No) => Self::No,
-            _ => Self::Unknown,
-        }
-    }
-
-    fn not(self) -> Self {
-        match self {
-            Self::Yes => Self::No,
-            Self::No => Self::Yes,
-            Self::Unknown => Self::Unknown,
-        }
-    }
-}
-
-/// `positive` any-of and `negative` none-of, each vacuous when empty.
-fn field<T>(positive: &[T], negative: &[T], mut test: impl FnMut(&T) -> Tri) -> Tri {
-    let any = |vals: &[T], test: &mut dyn FnMut(&T) -> Tri| {
-        vals.iter().fold(Tri::No, |acc, v| acc.or(test(v)))
-    };
-    let p = if positive.is_empty() {
-        Tri::Yes
-    } else {
-        any(positive, &mut test)
-    };
-    let n = if negative.is_empty() {
-        Tri::Yes
-    } else {
-        any(negative, &mut test).not()
-    };
-    p.and(n)
 }
 
 impl SourceMatch {
@@ -643,7 +611,8 @@ impl OperationMatch {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` without a trailing `:port` (and without the brackets of an IPv6 literal).
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         return rest.split(']').next().unwrap_or(host);
@@ -717,16 +686,21 @@ impl AuthzRule {
         out
     }
 
+    /// Whether this rule names an attribute that is unknown wherever it is evaluated
+    /// (request authentication, `request.auth.*`, `connection.sni`, `experimental.*`).
+    pub fn names_unevaluable(&self) -> bool {
+        self.from
+            .iter()
+            .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+            || self
+                .when
+                .iter()
+                .any(|c| matches!(c.key, ConditionKey::Unevaluable(_)))
+    }
+
     fn eval(&self, conn: &ConnectionAttrs) -> Tri {
-        let any_of = |n: usize, f: &dyn Fn(usize) -> Tri| {
-            if n == 0 {
-                Tri::Yes
-            } else {
-                (0..n).fold(Tri::No, |acc, i| acc.or(f(i)))
-            }
-        };
-        let from = any_of(self.from.len(), &|i| self.from[i].eval(conn));
-        let to = any_of(self.to.len(), &|i| self.to[i].eval(conn));
+        let from = any_of(self.from.len(), |i| self.from[i].eval(conn));
+        let to = any_of(self.to.len(), |i| self.to[i].eval(conn));
         let when = self
             .when
             .iter()
@@ -735,22 +709,14 @@ impl AuthzRule {
     }
 }
 
-impl AuthzPolicy {
-    /// Who enforces this policy.
-    pub fn enforcement_point(&self) -> EnforcementPoint {
-        match self.scope {
-            AuthzScope::Targets(_) => EnforcementPoint::Waypoint,
-            _ => EnforcementPoint::NodeDaemon,
-        }
-    }
-
-    /// Whether this policy applies to a workload at the node daemon (selector,
-    /// namespace or mesh scope). Target-scoped policies never do.
+impl AuthzScope {
+    /// Whether a policy with this scope applies to a workload at the node daemon
+    /// (selector, namespace or mesh scope). Target scopes never do.
     pub fn selects_workload(&self, workload: &WorkloadRef) -> bool {
-        match &self.scope {
-            AuthzScope::Mesh => true,
-            AuthzScope::Namespace(ns) => *ns == workload.namespace,
-            AuthzScope::Workloads {
+        match self {
+            Self::Mesh => true,
+            Self::Namespace(ns) => *ns == workload.namespace,
+            Self::Workloads {
                 namespace,
                 selector,
             } => {
@@ -759,13 +725,39 @@ impl AuthzPolicy {
                     .is_none_or(|ns| *ns == workload.namespace)
                     && selector.matches(&workload.labels)
             }
-            AuthzScope::Targets(_) => false,
+            Self::Targets(_) => false,
         }
+    }
+
+    /// Whether a policy with this scope is attached to `target` (waypoint enforcement).
+    pub fn targets(&self, target: &PolicyTarget) -> bool {
+        matches!(self, Self::Targets(ts) if ts.contains(target))
+    }
+
+    /// Who enforces a policy with this scope.
+    pub fn enforcement_point(&self) -> EnforcementPoint {
+        match self {
+            Self::Targets(_) => EnforcementPoint::Waypoint,
+            _ => EnforcementPoint::NodeDaemon,
+        }
+    }
+}
+
+impl AuthzPolicy {
+    /// Who enforces this policy.
+    pub fn enforcement_point(&self) -> EnforcementPoint {
+        self.scope.enforcement_point()
+    }
+
+    /// Whether this policy applies to a workload at the node daemon (selector,
+    /// namespace or mesh scope). Target-scoped policies never do.
+    pub fn selects_workload(&self, workload: &WorkloadRef) -> bool {
+        self.scope.selects_workload(workload)
     }
 
     /// Whether this policy is attached to `target` (waypoint enforcement).
     pub fn targets(&self, target: &PolicyTarget) -> bool {
-        matches!(&self.scope, AuthzScope::Targets(ts) if ts.contains(target))
+        self.scope.targets(target)
     }
 
     /// Whether the policy matches the connection, resolving unknown attributes so
@@ -774,7 +766,7 @@ impl AuthzPolicy {
         let at_l4 = conn.request.is_none();
         self.rules.iter().any(|rule| match self.action {
             AuthzAction::Allow => {
-                if at_l4 && !rule.l7_fields().is_empty() {
+                if rule.names_unevaluable() || (at_l4 && !rule.l7_fields().is_empty()) {
                     return false;
                 }
                 rule.eval(conn) == Tri::Yes
@@ -784,37 +776,72 @@ impl AuthzPolicy {
     }
 }
 
+/// A policy [`authorize`] can decide with: the model's [`AuthzPolicy`], or the
+/// normalised [`crate::clause::ClausePolicy`] a proxy builds from the wire.
+pub trait MatchPolicy {
+    /// The object the policy came from (named in the [`Decision`]).
+    fn id(&self) -> &ObjectId;
+    /// What it does when it matches.
+    fn action(&self) -> AuthzAction;
+    /// Whether any of its rules matches, unknowns resolved as the module docs say.
+    fn matches(&self, conn: &ConnectionAttrs) -> bool;
+}
+
+impl MatchPolicy for AuthzPolicy {
+    fn id(&self) -> &ObjectId {
+        &self.id
+    }
+
+    fn action(&self) -> AuthzAction {
+        self.action
+    }
+
+    fn matches(&self, conn: &ConnectionAttrs) -> bool {
+        AuthzPolicy::matches(self, conn)
+    }
+}
+
+/// Keeps the policy that sorts first by namespace and name, so that a [`Decision`]
+/// names the same policy whatever order the policies came in.
+fn keep_first(slot: &mut Option<ObjectId>, id: &ObjectId) {
+    let key = |i: &ObjectId| (i.namespace.clone(), i.name.clone());
+    if slot.as_ref().is_none_or(|cur| key(id) < key(cur)) {
+        *slot = Some(id.clone());
+    }
+}
+
 /// Decides a connection (or request) against the policies that apply to its
 /// destination (select them with [`AuthzPolicy::selects_workload`] at the node daemon,
 /// [`AuthzPolicy::targets`] at the waypoint). Order of `policies` does not matter.
-pub fn authorize<'a>(
-    policies: impl IntoIterator<Item = &'a AuthzPolicy>,
+pub fn authorize<'a, P: MatchPolicy + 'a>(
+    policies: impl IntoIterator<Item = &'a P>,
     conn: &ConnectionAttrs,
 ) -> Decision {
-    let mut audited_by = Vec::new();
+    let mut audited_by: Vec<ObjectId> = Vec::new();
     let mut denied_by = None;
     let mut allowed_by = None;
     let mut any_allow = false;
     for p in policies {
-        match p.action {
+        match p.action() {
             AuthzAction::Audit => {
                 if p.matches(conn) {
-                    audited_by.push(p.id.clone());
+                    audited_by.push(p.id().clone());
                 }
             }
             AuthzAction::Deny => {
-                if denied_by.is_none() && p.matches(conn) {
-                    denied_by = Some(p.id.clone());
+                if p.matches(conn) {
+                    keep_first(&mut denied_by, p.id());
                 }
             }
             AuthzAction::Allow => {
                 any_allow = true;
-                if allowed_by.is_none() && p.matches(conn) {
-                    allowed_by = Some(p.id.clone());
+                if p.matches(conn) {
+                    keep_first(&mut allowed_by, p.id());
                 }
             }
         }
     }
+    audited_by.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let (verdict, reason) = match (denied_by, allowed_by) {
         (Some(id), _) => (Verdict::Deny, DecisionReason::DeniedBy(id)),
         (None, _) if !any_allow => (Verdict::Allow, DecisionReason::NoAllowPolicy),
@@ -979,6 +1006,46 @@ mod tests {
         assert!(d.is_allowed());
         assert_eq!(d.audited_by, vec![id("audit")]);
         assert!(!authorize([&audit, &allow_nothing], &c).is_allowed());
+    }
+
+    #[test]
+    fn an_unevaluable_alternative_makes_an_allow_rule_fail_closed_everywhere() {
+        // requestPrincipals OR principals: as the wire protocol's
+        // `unenforceable_fields`, the rule never matches, even at L7.
+        let rule = AuthzRule {
+            from: vec![
+                SourceMatch {
+                    request_principals: vec![StringMatch::Presence],
+                    ..Default::default()
+                },
+                SourceMatch {
+                    principals: vec![StringMatch::Presence],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(rule.names_unevaluable());
+        let allow = policy("p", AuthzAction::Allow, vec![rule.clone()]);
+        assert!(!allow.matches(&conn(None)));
+        assert!(!allow.matches(&conn(get())));
+        // In a DENY the known alternative still decides.
+        let deny = policy("d", AuthzAction::Deny, vec![rule]);
+        assert!(deny.matches(&conn(get())));
+    }
+
+    #[test]
+    fn the_deciding_policy_does_not_depend_on_order() {
+        let deny_b = policy("b", AuthzAction::Deny, vec![AuthzRule::default()]);
+        let deny_a = policy("a", AuthzAction::Deny, vec![AuthzRule::default()]);
+        let audit_z = policy("z", AuthzAction::Audit, vec![AuthzRule::default()]);
+        let audit_y = policy("y", AuthzAction::Audit, vec![AuthzRule::default()]);
+        let c = conn(None);
+        let one = authorize([&deny_b, &audit_z, &deny_a, &audit_y], &c);
+        let other = authorize([&audit_y, &deny_a, &audit_z, &deny_b], &c);
+        assert_eq!(one, other);
+        assert_eq!(one.reason, DecisionReason::DeniedBy(id("a")));
+        assert_eq!(one.audited_by, vec![id("y"), id("z")]);
     }
 
     #[test]
