@@ -480,7 +480,7 @@ fn source(path: &FieldPath, s: &Source, ns: &NamespaceName, chk: &mut Checker) -
         if !present.is_empty() {
             chk.warn(
                 path.field(f),
-                "request authentication (JWT) is not supported by Ambit: this condition never matches in ALLOW rules and always matches in DENY rules",
+                "request authentication (JWT) is not supported by Ambit: an ALLOW rule carrying it never matches, and in a DENY rule it counts as matching",
             );
         }
     }
@@ -543,7 +543,7 @@ fn condition(path: &FieldPath, c: &ConditionSpec, chk: &mut Checker) -> Option<C
     if let ConditionKey::Unevaluable(k) = &key {
         chk.warn(
             path.field("key"),
-            format!("`{k}` cannot be evaluated by Ambit (no request authentication or SNI): this condition never matches in ALLOW rules and always matches in DENY rules"),
+            format!("`{k}` cannot be evaluated by Ambit (no request authentication or SNI): an ALLOW rule carrying it never matches, and in a DENY rule it counts as matching"),
         );
     }
     let parse_value = |v: &str| -> Result<ConditionValue, String> {
