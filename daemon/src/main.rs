@@ -1,36 +1,13 @@
 //! `ambit-node`: the per-node daemon.
+//!
+//! Thin: parse the configuration, set up tracing, build (which installs the crypto
+//! provider and binds every listener), serve until SIGTERM/SIGINT, drain with a
+//! deadline. Everything else is in the library ([`ambit_node::app`]).
 #![forbid(unsafe_code)]
 
 use clap::Parser;
 
-use ambit_runtime::{
-    AdminArgs, AdminServers, DrainArgs, LogArgs, admin::Route, readiness::Readiness,
-};
-
-/// Node daemon configuration; every flag also reads an environment variable.
-#[derive(Clone, Debug, Parser, serde::Serialize)]
-#[command(name = "ambit-node", version, about = "Ambit node daemon")]
-struct Config {
-    /// Name of the node this daemon serves (the Kubernetes node name).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// Controller gRPC address (config stream and certificate authority).
-    #[arg(
-        long,
-        env = "CONTROLLER_ADDR",
-        default_value = "http://127.0.0.1:15012"
-    )]
-    controller_addr: String,
-    #[command(flatten)]
-    #[serde(skip)]
-    admin: AdminArgs,
-    #[command(flatten)]
-    #[serde(skip)]
-    drain: DrainArgs,
-    #[command(flatten)]
-    #[serde(skip)]
-    log: LogArgs,
-}
+use ambit_node::app::{self, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -38,22 +15,11 @@ async fn main() -> anyhow::Result<()> {
     ambit_runtime::init_tracing(&config.log)?;
     let shutdown = ambit_runtime::shutdown_signal()?;
     tracing::info!(?config, "starting ambit-node");
-
-    let readiness = Readiness::new();
-    // Released as the config stream, certificates and capture come up (issue 4).
-    let _config_blocker = readiness.register("config from the controller");
-    let dump = config.clone();
-    let admin = AdminServers::start(
-        &config.admin,
-        &readiness,
-        vec![Route::json(
-            "/config_dump",
-            move || serde_json::json!({ "config": &dump }),
-        )],
-    )
-    .await?;
-
-    shutdown.await;
-    ambit_runtime::drain_with_deadline(config.drain.drain_timeout, admin.shutdown()).await;
+    let bound = app::build(config).await?;
+    bound
+        .wait_termination(async move {
+            shutdown.await;
+        })
+        .await;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The binaries' process skeleton: config from flags, readiness with named blockers,
-//! `/config_dump`, `ambitctl` reading both, and a clean exit on SIGTERM.
+//! `/config_dump`, `ambitctl` reading both, and a clean exit on SIGTERM. The node
+//! daemon needs a cgroup and capture to start; its start-up, readiness and drain are
+//! tested on the simulated cluster in `daemon/tests/app.rs`.
 
 #![expect(
     clippy::unwrap_used,
@@ -110,16 +112,6 @@ fn check_skeleton(bin: &str, args: &[&str], blocker: &str, config_field: (&str, 
             .unwrap_or_else(|e| panic!("{bin}: log line is not JSON ({e}): {line}"));
     }
     assert!(logs.contains("shutdown requested"), "{bin} logs: {logs}");
-}
-
-#[test]
-fn node_daemon_skeleton() {
-    check_skeleton(
-        "ambit-node",
-        &["--node-name", "node-1"],
-        "config from the controller",
-        ("node_name", "node-1"),
-    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `cargo xtask cluster …`: the simulated cluster from the command line.
 //!
 //! ```text
-//! cargo xtask cluster up [--mesh] [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster up [--mesh [--no-daemons]] [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
 //! cargo xtask cluster status [--json]
 //! cargo xtask cluster exec NAMESPACE/POD -- CMD…
 //! cargo xtask cluster apply FILE | delete FILE
@@ -98,6 +98,17 @@ struct UpArgs {
     /// Extra flag for ambit-controller (repeatable), e.g. `--controller-arg=--cert-ttl=1h`.
     #[arg(long = "controller-arg", requires = "mesh", allow_hyphen_values = true)]
     controller_args: Vec<String>,
+    /// With --mesh: start the control plane only, no node daemons and no CNI calls.
+    #[arg(long, requires = "mesh")]
+    no_daemons: bool,
+    /// Extra flag for every ambit-node (repeatable), e.g. `--daemon-arg=--log-level=debug`.
+    #[arg(
+        long = "daemon-arg",
+        requires = "mesh",
+        conflicts_with = "no_daemons",
+        allow_hyphen_values = true
+    )]
+    daemon_args: Vec<String>,
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -185,6 +196,8 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
     if args.mesh {
         opts = opts.mesh(MeshOptions {
             controller_args: args.controller_args.clone(),
+            daemons: !args.no_daemons,
+            daemon_args: args.daemon_args.clone(),
             ..MeshOptions::default()
         });
     }
@@ -206,6 +219,17 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
             "     ip netns exec {} target/debug/ambitctl config-dump --admin 127.0.0.1:15000",
             status.control.netns
         );
+        if let Some(node) = status
+            .mesh
+            .as_ref()
+            .and_then(|m| m.daemons.first())
+            .and_then(|d| status.nodes.iter().find(|n| n.name == d.node))
+        {
+            println!(
+                "     ip netns exec {} target/debug/ambitctl config-dump --admin 127.0.0.1:15000",
+                node.netns
+            );
+        }
     }
     println!("tear down: cargo xtask cluster down{flag}");
     Ok(())
@@ -297,6 +321,7 @@ fn print_status(st: &Status) {
             "SERVICE ACCOUNT",
             "LABELS",
             "STATE",
+            "CNI",
             "NETNS",
             "CGROUP",
         ],
@@ -314,6 +339,11 @@ fn print_status(st: &Status) {
                 p.service_account.clone(),
                 labels.join(","),
                 state,
+                match &p.cni {
+                    None => "-".to_owned(),
+                    Some(c) if c.added => "add ok".to_owned(),
+                    Some(_) => "add failed".to_owned(),
+                },
                 p.netns.clone(),
                 relative(&p.cgroup, &st.cgroup_root),
             ]
@@ -364,6 +394,34 @@ fn print_status(st: &Status) {
         println!("  log              {}", c.log.display());
         for (node, path) in &mesh.node_tokens {
             println!("  token {node:<10} {}", path.display());
+        }
+        if !mesh.daemons.is_empty() {
+            println!();
+            println!("mesh data plane (node daemons; admin on each node's loopback)");
+            table(
+                &[
+                    "NODE",
+                    "PID",
+                    "READINESS",
+                    "ADMIN",
+                    "METRICS",
+                    "STATE DIR",
+                    "CNI SOCKET",
+                    "LOG",
+                ],
+                mesh.daemons.iter().map(|d| {
+                    vec![
+                        d.node.clone(),
+                        d.pid.to_string(),
+                        d.readiness_addr.to_string(),
+                        d.admin_addr.to_string(),
+                        d.metrics_addr.to_string(),
+                        d.state_dir.display().to_string(),
+                        d.cni_socket.display().to_string(),
+                        d.log.display().to_string(),
+                    ]
+                }),
+            );
         }
     }
     if !st.processes.is_empty() {

@@ -22,6 +22,7 @@ pub struct TestArgs {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     setup::run(&setup::SetupArgs::default())?;
+
     if !args.no_lint {
         cargo("formatting", &["fmt", "--all", "--", "--check"])?;
         cargo(
@@ -50,9 +51,14 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
 pub(crate) fn cargo(what: &str, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("▶ {what}: cargo {}", args.join(" "));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(args)
-        .current_dir(workspace_root())
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(workspace_root());
+    if std::env::var_os("CI").is_some() {
+        // CI builds once from a clean clone: incremental caches would only cost time
+        // and several GB of disk.
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
+    let status = cmd
         .status()
         .with_context(|| format!("starting cargo {}", args.join(" ")))?;
     if !status.success() {

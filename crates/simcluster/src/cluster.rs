@@ -57,7 +57,7 @@ pub struct Options {
     pub cgroup_mount: Option<PathBuf>,
     /// How long `up` waits for each workload to listen on its ready ports.
     pub ready_timeout: Duration,
-    /// When set, `up` also starts the mesh control plane (see [`crate::mesh`]).
+    /// When set, `up` also starts the mesh (see [`crate::mesh`]).
     pub mesh: Option<crate::mesh::MeshOptions>,
 }
 
@@ -99,7 +99,9 @@ impl Options {
     }
 
     /// Makes `up` start the mesh control plane once the workloads are ready
-    /// ([`Cluster::start_mesh_control`]).
+    /// ([`Cluster::start_mesh_control`]); with [`crate::MeshOptions::daemons`], the
+    /// control plane and the node daemons before the workloads, each pod going through
+    /// CNI ADD before its workload starts (see the crate docs, "Mesh").
     pub fn mesh(mut self, mesh: crate::mesh::MeshOptions) -> Self {
         self.mesh = Some(mesh);
         self
@@ -575,10 +577,22 @@ impl Cluster {
         create_cgroups(&st)?;
         create_network(&st)?;
         manifests::write_atomic(&st.cluster_config, manifests::cluster_yaml(&st)?.as_bytes())?;
-        self.start_workloads(&st)?;
-        self.wait_ready()?;
-        if let Some(mesh) = &self.opts.mesh {
-            self.start_mesh_control(mesh)?;
+        match &self.opts.mesh {
+            // The data plane comes before the workloads: a pod is handed to the CNI
+            // plugin, and so to its node's daemon, before it runs, as under a kubelet.
+            Some(mesh) if mesh.daemons => {
+                self.start_mesh_control(mesh)?;
+                self.start_mesh_daemons(mesh)?;
+                self.start_workloads(&st, true)?;
+                self.wait_ready()?;
+            }
+            mesh => {
+                self.start_workloads(&st, false)?;
+                self.wait_ready()?;
+                if let Some(mesh) = mesh {
+                    self.start_mesh_control(mesh)?;
+                }
+            }
         }
         self.lock().phase = Phase::Running;
         self.save()?;
@@ -586,8 +600,11 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_workloads(&self, st: &Status) -> Result<(), Error> {
+    fn start_workloads(&self, st: &Status, cni_add: bool) -> Result<(), Error> {
         for pod in &st.pods {
+            if cni_add {
+                self.cni_add(pod)?;
+            }
             let (program, args) = pod.command.split_first().ok_or(Error::EmptyCommand)?;
             let mut cmd = Command::new(program);
             cmd.args(args)
@@ -611,6 +628,60 @@ impl Cluster {
             {
                 p.pid = Some(pid);
             }
+        }
+        self.save()
+    }
+
+    /// CNI ADD for `pod` through the `ambit-cni` plugin, in the pod's node, pointed at
+    /// that node's daemon. Recorded in the state file first, so that teardown calls
+    /// DEL even when ADD fails halfway (as a runtime does).
+    fn cni_add(&self, pod: &PodInfo) -> Result<(), Error> {
+        let plugin = self.binary(crate::cni::CNI_BINARY)?;
+        let pod_ref = pod.pod_ref();
+        let call = {
+            let mut st = self.lock();
+            let socket = st
+                .mesh
+                .as_ref()
+                .and_then(|m| m.daemons.iter().find(|d| d.node == pod.node))
+                .map(|d| d.cni_socket.clone())
+                .ok_or(Error::MeshNotStarted)?;
+            let uid = manifests::pod_uid(&st, &pod.namespace, &pod.name);
+            let cni = crate::cni::PodCni {
+                container_id: uid.clone(),
+                uid,
+                socket,
+                added: false,
+                notes: Vec::new(),
+            };
+            let p = st
+                .pods
+                .iter_mut()
+                .find(|p| p.pod_ref() == pod_ref)
+                .ok_or_else(|| Error::UnknownPod(pod_ref.to_string()))?;
+            p.cni = Some(cni);
+            let p = p.clone();
+            crate::cni::call_for(
+                &st,
+                &p,
+                crate::cni::CniCommand::Add,
+                crate::cni::ADD_TIMEOUT,
+            )
+            .ok_or_else(|| Error::UnknownNode(pod.node.clone()))?
+        };
+        self.save()?;
+        let cmd = self.command(&Place::Node(pod.node.clone()), &plugin)?;
+        let out = call.run(cmd, self.opts.name.as_str())?;
+        tracing::info!(cluster = %self.opts.name, pod = %pod_ref, notes = ?out.notes, "CNI ADD ok");
+        if let Some(cni) = self
+            .lock()
+            .pods
+            .iter_mut()
+            .find(|p| p.pod_ref() == pod_ref)
+            .and_then(|p| p.cni.as_mut())
+        {
+            cni.added = true;
+            cni.notes = out.notes;
         }
         self.save()
     }
@@ -904,6 +975,7 @@ pub(crate) fn plan(
             pid: None,
             log: logs_dir.join(format!("pod_{}.log", pod_ref.file_stem())),
             running: false,
+            cni: None,
         });
     }
     let services = r
@@ -1090,7 +1162,7 @@ fn create_cgroups(st: &Status) -> Result<(), Error> {
 }
 
 /// Host number of `ip` inside `cidr`, used to name a veth after the address behind it.
-fn host_number(cidr: &Ipv4Cidr, ip: std::net::Ipv4Addr) -> u32 {
+pub(crate) fn host_number(cidr: &Ipv4Cidr, ip: std::net::Ipv4Addr) -> u32 {
     u32::from(ip) - u32::from(cidr.network())
 }
 

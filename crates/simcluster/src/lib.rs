@@ -75,6 +75,8 @@
 //!   config/<group>_<kind>_<ns>_<name>.yaml   objects added with apply
 //!   controller/              the mesh controller's state (root CA), with `--mesh`
 //!   tokens/                  node bootstrap tokens (0600), with `--mesh` (module mesh)
+//!   nodes/<node>/            a node daemon's state dir (its bpffs mount `bpf/`) and
+//!                            enrolment socket `cni.sock`, with the mesh data plane
 //!   logs/pod_<ns>_<pod>.log  workload stdout+stderr
 //!   logs/node_<node>_<process>.log, logs/control_<process>.log,
 //!   logs/pod_<ns>_<pod>_<process>.log       processes started with spawn_*
@@ -91,6 +93,17 @@
 //! `SERVICE_ACCOUNT` in its environment. `up` returns once every workload listens on
 //! its ready ports (read from `/proc/<pid>/net/tcp`, i.e. inside the pod's netns).
 //!
+//! # Mesh
+//!
+//! With [`Options::mesh`], `up` also starts the controller ([`Cluster::start_mesh_control`]);
+//! with [`MeshOptions::daemons`] on, it starts the controller and one `ambit-node` per
+//! node ([`Cluster::start_mesh_daemons`]) *before* the workloads, and hands each pod to
+//! the real `ambit-cni` plugin with CNI ADD after creating its network namespace and
+//! before starting its workload, as a kubelet would (module [`cni`]); an ADD that fails
+//! fails `up` with the plugin's error JSON. Teardown calls CNI DEL (best effort) for
+//! those pods before it kills anything, and unmounts what the daemons mounted under the
+//! state directory.
+//!
 //! # Teardown
 //!
 //! [`Cluster::down`], dropping an owning [`Cluster`], [`down`], [`down_all`] and
@@ -104,6 +117,7 @@ pub mod addr;
 mod cgroup;
 mod cluster;
 mod cmd;
+pub mod cni;
 pub mod manifests;
 pub mod mesh;
 mod names;
@@ -122,8 +136,9 @@ pub use crate::{
         CLUSTER_ENV, Cluster, DEFAULT_READY_TIMEOUT, DEFAULT_STATE_ROOT, ECHO_BINARY, Options,
         Process, STATE_FILE,
     },
+    cni::{CniCommand, PodCni},
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
-    mesh::{ControllerInfo, MeshInfo, MeshOptions},
+    mesh::{ControllerInfo, DaemonInfo, MeshInfo, MeshOptions},
     names::{
         ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
         TEST_NAME_PREFIX,
@@ -317,6 +332,23 @@ pub enum Error {
         log: PathBuf,
         /// The end of its log.
         tail: String,
+    },
+    /// The mesh part needed is not running: the daemons need the control plane
+    /// ([`Cluster::start_mesh_control`]), CNI calls need the node's daemon
+    /// ([`Cluster::start_mesh_daemons`]).
+    #[error("the mesh is not started far enough (control plane, then node daemons)")]
+    MeshNotStarted,
+    /// The CNI plugin failed (for ADD: the pod cannot start, as under a kubelet).
+    #[error("{what} failed ({status}): {stdout}{}", if stderr.is_empty() { String::new() } else { format!("\nplugin stderr: {stderr}") })]
+    CniFailed {
+        /// Which call.
+        what: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed: the CNI error JSON.
+        stdout: String,
+        /// Its notes.
+        stderr: String,
     },
     /// Processes stayed in a cgroup after it was killed.
     #[error("cgroup {} still has processes {pids:?} after cgroup.kill", path.display())]

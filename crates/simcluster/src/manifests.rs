@@ -508,6 +508,11 @@ pub(crate) fn generated_refs(status: &Status) -> Vec<ObjectRef> {
         .collect()
 }
 
+/// The uid of the generated Pod object (also the pod's CNI container id).
+pub(crate) fn pod_uid(status: &Status, namespace: &str, name: &str) -> String {
+    fake_uid(&[status.name.as_str(), "Pod", namespace, name])
+}
+
 /// A stable UUID-shaped id derived from the object's identity (FNV-1a, 2×64 bits).
 fn fake_uid(parts: &[&str]) -> String {
     let hash = |seed: u64| {

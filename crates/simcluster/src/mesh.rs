@@ -1,6 +1,6 @@
-//! The mesh control plane on the simulated cluster: `ambit-controller` in local mode
-//! in the control namespace, reading the cluster's config directory, with bootstrap
-//! tokens provisioned for every node.
+//! The mesh on the simulated cluster: `ambit-controller` in local mode in the control
+//! namespace, reading the cluster's config directory, with bootstrap tokens provisioned
+//! for every node; and, with [`MeshOptions::daemons`], one `ambit-node` per node.
 //!
 //! ```text
 //! <state dir>/
@@ -8,6 +8,18 @@
 //!   tokens/                      mode 0700
 //!     <node>.token               one random token per node, mode 0600 (node daemons)
 //!     controller-tokens.yaml     the controller's --bootstrap-tokens, mode 0600
+//!   nodes/<node>/                mode 0700: the daemon's --state-dir (bpffs at bpf/)
+//!     cni.sock                   its --cni-socket, for the ambit-cni plugin
+//! ```
+//!
+//! A node daemon runs in its node's namespace, cgroup `<node>/system/ambit-node`:
+//!
+//! ```text
+//! ambit-node --node-name <node> --controller-addr http://<control ip>:15012
+//!   --token-file <state>/tokens/<node>.token --state-dir <state>/nodes/<node>
+//!   --pods-cgroup <node pods cgroup> --cni-socket <state>/nodes/<node>/cni.sock
+//!   --readiness-addr 0.0.0.0:15021 --admin-addr 127.0.0.1:15000
+//!   --metrics-addr 0.0.0.0:15020 [MeshOptions::daemon_args…]
 //! ```
 //!
 //! The controller listens on `<control ip>:15012` (gRPC: config push and CA, reached
@@ -45,13 +57,34 @@ pub const DEFAULT_CONTROLLER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const POLL: Duration = Duration::from_millis(50);
 
-/// How to start the mesh control plane.
+/// The node daemon's binary, looked up in the binaries directory.
+pub const DAEMON_BINARY: &str = "ambit-node";
+/// The node daemon's process name on each node (`node_<node>_<name>.log`).
+pub const DAEMON_PROCESS: &str = "ambit-node";
+/// Readiness port of the node daemon (`/healthz/ready`).
+pub const DAEMON_READINESS_PORT: u16 = 15021;
+/// Admin port of the node daemon (loopback of the node namespace).
+pub const DAEMON_ADMIN_PORT: u16 = 15000;
+/// Metrics port of the node daemon.
+pub const DAEMON_METRICS_PORT: u16 = 15020;
+/// How long [`Cluster::start_mesh_daemons`] waits for every daemon to be ready.
+pub const DEFAULT_DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to start the mesh.
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
     /// Extra flags for `ambit-controller` (e.g. `["--cert-ttl", "10s"]`).
     pub controller_args: Vec<String>,
     /// How long to wait for the controller's `/healthz/ready`.
     pub ready_timeout: Duration,
+    /// Also start the data plane: one `ambit-node` per node, and pods attached
+    /// through the `ambit-cni` plugin before their workloads start. Off by default
+    /// (control plane only).
+    pub daemons: bool,
+    /// Extra flags for every `ambit-node` (e.g. `["--trust-domain", "cluster.local"]`).
+    pub daemon_args: Vec<String>,
+    /// How long to wait for every daemon's `/healthz/ready`.
+    pub daemon_ready_timeout: Duration,
 }
 
 impl Default for MeshOptions {
@@ -59,6 +92,19 @@ impl Default for MeshOptions {
         Self {
             controller_args: Vec::new(),
             ready_timeout: DEFAULT_CONTROLLER_READY_TIMEOUT,
+            daemons: false,
+            daemon_args: Vec::new(),
+            daemon_ready_timeout: DEFAULT_DAEMON_READY_TIMEOUT,
+        }
+    }
+}
+
+impl MeshOptions {
+    /// The control plane and the data plane ([`MeshOptions::daemons`] on).
+    pub fn with_daemons() -> Self {
+        Self {
+            daemons: true,
+            ..Self::default()
         }
     }
 }
@@ -74,6 +120,35 @@ pub struct MeshInfo {
     /// Node name → the file holding its bootstrap token (mode 0600), for its daemon's
     /// `authorization: Bearer` credential.
     pub node_tokens: BTreeMap<String, PathBuf>,
+    /// The node daemons, in node order, once started (empty without the data plane).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemons: Vec<DaemonInfo>,
+}
+
+/// A node daemon: where it runs and listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonInfo {
+    /// The node.
+    pub node: String,
+    /// Its process name ([`DAEMON_PROCESS`]), in [`Place::Node`].
+    pub process: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Readiness, `<node ip>:15021` (node namespace).
+    pub readiness_addr: SocketAddrV4,
+    /// Admin endpoints, on the node namespace's loopback.
+    pub admin_addr: SocketAddrV4,
+    /// Metrics, `<node ip>:15020`.
+    pub metrics_addr: SocketAddrV4,
+    /// Its state directory, `<cluster state>/nodes/<node>`.
+    pub state_dir: PathBuf,
+    /// Its enrolment socket, for the `ambit-cni` plugin.
+    pub cni_socket: PathBuf,
+    /// Its bootstrap token file.
+    pub token_file: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// Where the controller runs and listens.
@@ -167,6 +242,7 @@ impl Cluster {
             },
             tokens_dir,
             node_tokens,
+            daemons: Vec::new(),
         };
         self.set_mesh(Some(info.clone()))?;
 
@@ -199,6 +275,132 @@ impl Cluster {
         }
         tracing::info!(cluster = %self.name(), grpc = %info.controller.grpc_addr, "mesh control plane ready");
         Ok(info)
+    }
+
+    /// Starts one `ambit-node` per node in the node's namespace and cgroup
+    /// (`<node>/system/ambit-node`), pointed at the controller with the node's
+    /// bootstrap token, and returns once every daemon's `/healthz/ready` answers 200.
+    /// Needs [`Cluster::start_mesh_control`] first. Recorded in the state file
+    /// (`MeshInfo::daemons`) and stopped by `down`.
+    pub fn start_mesh_daemons(&self, opts: &MeshOptions) -> Result<Vec<DaemonInfo>, Error> {
+        let binary = self.binary(DAEMON_BINARY)?;
+        let st = self.status();
+        let Some(mut mesh) = st.mesh.clone() else {
+            return Err(Error::MeshNotStarted);
+        };
+        let mut started = Vec::new();
+        for node in &st.nodes {
+            let token_file = mesh
+                .node_tokens
+                .get(&node.name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownNode(node.name.clone()))?;
+            let state_dir = st.state_dir.join("nodes").join(&node.name);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&state_dir)
+                .map_err(|source| Error::Io {
+                    op: "creating",
+                    path: state_dir.clone(),
+                    source,
+                })?;
+            let cni_socket = state_dir.join("cni.sock");
+            let readiness_addr = SocketAddrV4::new(node.ip, DAEMON_READINESS_PORT);
+            let admin_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, DAEMON_ADMIN_PORT);
+            let metrics_addr = SocketAddrV4::new(node.ip, DAEMON_METRICS_PORT);
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--node-name")
+                .arg(&node.name)
+                .arg("--controller-addr")
+                .arg(format!("http://{}", mesh.controller.grpc_addr))
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("--pods-cgroup")
+                .arg(&node.pods_cgroup)
+                .arg("--cni-socket")
+                .arg(&cni_socket)
+                .arg("--readiness-addr")
+                .arg(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DAEMON_READINESS_PORT).to_string())
+                .arg("--admin-addr")
+                .arg(admin_addr.to_string())
+                .arg("--metrics-addr")
+                .arg(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DAEMON_METRICS_PORT).to_string())
+                .args(&opts.daemon_args);
+            let process = self.spawn_in_node(&node.name, DAEMON_PROCESS, cmd)?;
+            let info = DaemonInfo {
+                node: node.name.clone(),
+                process: DAEMON_PROCESS.to_owned(),
+                pid: process.pid,
+                readiness_addr,
+                admin_addr,
+                metrics_addr,
+                state_dir,
+                cni_socket,
+                token_file,
+                log: process.log.clone(),
+            };
+            mesh.daemons.retain(|d| d.node != node.name);
+            mesh.daemons.push(info.clone());
+            self.set_mesh(Some(mesh.clone()))?;
+            started.push((info, process));
+        }
+
+        // Wait for all of them together: they start in parallel.
+        let deadline = Instant::now() + opts.daemon_ready_timeout;
+        let mut pending: Vec<&(DaemonInfo, crate::Process)> = started.iter().collect();
+        while let Some(&(first, _)) = pending.first() {
+            let mut still = Vec::new();
+            let mut last_first = String::new();
+            for entry @ (info, process) in pending {
+                let what = format!("{DAEMON_PROCESS} in {}", process.place);
+                if !process.is_running() {
+                    return Err(Error::Exited {
+                        what,
+                        status: "gone".to_owned(),
+                        log: process.log.clone(),
+                        tail: process.log_tail(30),
+                    });
+                }
+                let place = Place::Node(info.node.clone());
+                let last = match self.http_get(
+                    &place,
+                    SocketAddr::V4(info.readiness_addr),
+                    "/healthz/ready",
+                ) {
+                    Ok((200, _)) => continue,
+                    Ok((code, body)) => format!("{code}: {}", body.trim()),
+                    Err(e) => crate::error_chain(&e),
+                };
+                if info.node == first.node {
+                    last_first = last;
+                }
+                still.push(entry);
+            }
+            pending = still;
+            if let Some(&(info, process)) = pending.first()
+                && Instant::now() >= deadline
+            {
+                return Err(Error::NotReady {
+                    what: format!("{DAEMON_PROCESS} in {}", process.place),
+                    timeout: opts.daemon_ready_timeout,
+                    last: if info.node == first.node {
+                        last_first
+                    } else {
+                        "not ready".to_owned()
+                    },
+                    log: process.log.clone(),
+                    tail: process.log_tail(30),
+                });
+            }
+            if !pending.is_empty() {
+                std::thread::sleep(POLL);
+            }
+        }
+        tracing::info!(cluster = %self.name(), daemons = started.len(), "mesh data plane ready");
+        Ok(started.into_iter().map(|(info, _)| info).collect())
     }
 
     /// The mesh control plane, when started.

@@ -171,6 +171,9 @@ pub struct PodInfo {
     /// Whether the workload process is alive (computed when the status is taken).
     #[serde(default)]
     pub running: bool,
+    /// The pod's CNI attachment, with the mesh data plane (`ambit-cni` ADD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<crate::cni::PodCni>,
 }
 
 /// A ClusterIP Service.

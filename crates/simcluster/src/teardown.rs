@@ -180,6 +180,43 @@ fn discover(
     Ok(names)
 }
 
+/// Mount points at or below `dir` in this mount namespace, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    mounts.dedup();
+    mounts
+}
+
+/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(oct) = bytes.get(i + 1..i + 4)
+            && let Ok(text) = std::str::from_utf8(oct)
+            && let Ok(b) = u8::from_str_radix(text, 8)
+        {
+            out.push(b);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
 /// Removes `.claim.<pid>.…` directories left by an `up` that died before renaming
 /// its state directory into place.
 fn remove_abandoned_claims(state_root: &Path) {
@@ -225,6 +262,11 @@ pub(crate) fn teardown(
             None
         }
     };
+
+    // 0. CNI DEL for the pods handed to the plugin, while their daemons still run.
+    if let Some(s) = known {
+        crate::cni::del_all(s);
+    }
 
     // 1. Processes in the cgroup tree.
     let mut killed: BTreeSet<i32> = BTreeSet::new();
@@ -317,7 +359,18 @@ pub(crate) fn teardown(
         }
     }
 
-    // 6. The state directory, only once the rest is gone.
+    // 6. File systems mounted under the state directory (the node daemons' bpffs,
+    //    holding their pinned programs and maps), deepest first, then the directory,
+    //    only once the rest is gone.
+    for mount in mounts_under(state_dir) {
+        if let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
+            problems.push(Error::Io {
+                op: "unmounting",
+                path: mount,
+                source: e.into(),
+            });
+        }
+    }
     if problems.is_empty() && state_dir.exists() {
         match std::fs::remove_dir_all(state_dir) {
             Ok(()) => report.state_dir_removed = Some(state_dir.to_owned()),
@@ -338,5 +391,20 @@ pub(crate) fn teardown(
             name: name.to_string(),
             problems,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path(r"/run/a\040b/bpf"),
+            PathBuf::from("/run/a b/bpf")
+        );
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+        assert_eq!(unescape_mount_path(r"/odd\0"), PathBuf::from(r"/odd\0"));
     }
 }

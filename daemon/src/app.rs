@@ -1,0 +1,502 @@
+//! The daemon assembled: [`build`] starts capture, the config subscription, the
+//! certificate manager and binds every listener; [`Bound::wait_termination`] serves
+//! until shutdown and drains.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_api::ResourceKind;
+use ambit_api::config::v1::resource::Kind;
+use ambit_control_client::discovery::{
+    ProposedState, Rejection, Subscriber, Subscription, SubscriptionConfig,
+};
+use ambit_control_client::{CaClientConfig, CertManager, TokenSource};
+use ambit_identity::{SpiffeId, TrustDomain};
+use ambit_policy::wire::ProxyPolicies;
+use ambit_runtime::admin::{self, Route, respond};
+use ambit_runtime::readiness::Readiness;
+use ambit_runtime::{AdminArgs, AdminServers, DrainArgs, LogArgs};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::capture::{Capture, CaptureConfig};
+use crate::enroll::{EnrollConfig, EnrollServer};
+use crate::metrics::TcpMetrics;
+use crate::pods::{Pods, error_chain};
+use crate::proxy::ProxyShared;
+use crate::proxy::snapshot::Snapshot;
+
+/// Node daemon configuration; every flag also reads an environment variable.
+#[derive(Clone, Debug, clap::Parser, serde::Serialize)]
+#[command(name = "ambit-node", version, about = "Ambit node daemon")]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Name of the node this daemon serves (the Kubernetes node name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Controller gRPC address (config stream and certificate authority).
+    #[arg(
+        long,
+        env = "CONTROLLER_ADDR",
+        default_value = "http://127.0.0.1:15012"
+    )]
+    pub controller_addr: String,
+    /// File holding the node's bearer token for the controller (read on every use).
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// State directory: the bpffs mount `bpf/`, the config state file, the cert cache.
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit/node")]
+    pub state_dir: PathBuf,
+    /// The node's pods cgroup subtree (where the connect programs attach).
+    #[arg(long, env = "AMBIT_PODS_CGROUP")]
+    pub pods_cgroup: PathBuf,
+    /// The enrolment socket the `ambit-cni` plugin connects to.
+    #[arg(
+        long,
+        env = "AMBIT_CNI_SOCKET",
+        default_value = "/var/run/ambit/cni.sock"
+    )]
+    pub cni_socket: PathBuf,
+    /// The mesh's trust domain.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Prometheus metrics address (`/metrics`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub admin: AdminArgs,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub log: LogArgs,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `--controller-addr` is not a URI.
+    #[error("invalid controller address {addr:?}")]
+    ControllerAddr {
+        /// The flag's value.
+        addr: String,
+        /// The parse error.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// `--trust-domain` is invalid.
+    #[error("invalid trust domain {domain:?}")]
+    TrustDomain {
+        /// The flag's value.
+        domain: String,
+        /// Why.
+        #[source]
+        source: ambit_identity::spiffe::TrustDomainError,
+    },
+    /// Capture could not be installed.
+    #[error("starting capture")]
+    Capture(#[source] crate::capture::CaptureError),
+    /// The capture task panicked.
+    #[error("the capture start-up task failed")]
+    CaptureTask(#[source] tokio::task::JoinError),
+    /// The certificate cache could not be opened.
+    #[error("opening the certificate cache")]
+    CertCache(#[source] ambit_control_client::certs::CertCacheError),
+    /// The enrolment server could not start.
+    #[error("starting the enrolment server")]
+    Enroll(#[source] crate::enroll::EnrollServerError),
+    /// The admin or readiness server could not bind.
+    #[error("starting the admin servers")]
+    Admin(#[source] ambit_runtime::admin::AdminError),
+}
+
+/// The daemon with every listener bound and every task started.
+pub struct Bound {
+    admin: AdminServers,
+    metrics: admin::Serving,
+    metrics_addr: SocketAddr,
+    enroll: EnrollServer,
+    subscription: Arc<Subscription>,
+    pods: Arc<Pods>,
+    tasks: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+/// Validates a proposed configuration: every security policy converts, every
+/// workload and service parses. An error NACKs the update.
+pub fn validate(proposed: &ProposedState) -> Result<(), Rejection> {
+    let mut errors = BTreeMap::new();
+    for (key, resource) in &proposed.resources {
+        if !proposed.is_full_snapshot && !proposed.upserted.contains(key) {
+            continue;
+        }
+        let problem = match &resource.kind {
+            Some(Kind::Workload(w)) => {
+                let bad = w
+                    .addresses
+                    .iter()
+                    .find(|a| a.parse::<std::net::IpAddr>().is_err());
+                if let Some(a) = bad {
+                    Some(format!("invalid address {a:?}"))
+                } else if w.captured {
+                    SpiffeId::parse(&w.spiffe_id)
+                        .err()
+                        .map(|e| format!("invalid identity {:?}: {e}", w.spiffe_id))
+                } else {
+                    None
+                }
+            }
+            Some(Kind::Service(s)) => s
+                .vips
+                .iter()
+                .find(|v| v.parse::<std::net::IpAddr>().is_err())
+                .map(|v| format!("invalid VIP {v:?}")),
+            Some(Kind::Authorization(_) | Kind::PeerAuthentication(_)) => {
+                ProxyPolicies::from_resources([&**resource])
+                    .err()
+                    .map(|e| error_chain(&e))
+            }
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            errors.insert(key.clone(), problem);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Rejection::from_resource_errors(errors))
+    }
+}
+
+/// Starts the daemon: capture, config subscription, certificates, enrolment server,
+/// admin servers. Returns once everything is bound; readiness follows as the
+/// configuration, certificates and capture come up.
+pub async fn build(config: Config) -> Result<Bound, BuildError> {
+    // Several components build TLS configs from the process default.
+    let _ = rustls::crypto::CryptoProvider::install_default(
+        ambit_identity::tls::crypto_provider().as_ref().clone(),
+    );
+    let controller: http::Uri =
+        config
+            .controller_addr
+            .parse()
+            .map_err(|source| BuildError::ControllerAddr {
+                addr: config.controller_addr.clone(),
+                source,
+            })?;
+    let trust_domain =
+        TrustDomain::new(&config.trust_domain).map_err(|source| BuildError::TrustDomain {
+            domain: config.trust_domain.clone(),
+            source,
+        })?;
+    let token = TokenSource::File(config.token_file.clone());
+
+    let readiness = Readiness::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let tcp_metrics = TcpMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let metrics_route = Route::new("/metrics", move || {
+        let mut body = String::new();
+        match prometheus_client::encoding::text::encode(&mut body, &registry) {
+            Ok(()) => respond(
+                http::StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            ),
+            Err(e) => respond(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("encoding metrics: {e}\n"),
+            ),
+        }
+    });
+    let metrics = admin::bind(config.metrics_addr, readiness.clone(), vec![metrics_route])
+        .await
+        .map_err(BuildError::Admin)?;
+    let config_blocker = readiness.register("config");
+    let certs_blocker = readiness.register("certificates");
+    let capture_blocker = readiness.register("capture");
+
+    let capture_config = CaptureConfig::new(&config.state_dir, &config.pods_cgroup);
+    let capture = tokio::task::spawn_blocking(move || Capture::start(capture_config))
+        .await
+        .map_err(BuildError::CaptureTask)?
+        .map_err(BuildError::Capture)?;
+    let capture = Arc::new(capture);
+
+    let mut sub_config = SubscriptionConfig::new(
+        controller.clone(),
+        token.clone(),
+        Subscriber::Node {
+            node_name: config.node_name.clone(),
+        },
+    );
+    sub_config.state_file = Some(config.state_dir.join("config-state.json"));
+    let (subscription, state) = Subscription::spawn(sub_config, validate);
+    subscription.unblock_when_ready(config_blocker);
+    let subscription = Arc::new(subscription);
+
+    let mut ca_config = CaClientConfig::new(controller, token);
+    ca_config.cache_dir = Some(config.state_dir.join("certs"));
+    let certs = CertManager::new(ca_config, trust_domain).map_err(BuildError::CertCache)?;
+
+    let enroll_config = EnrollConfig::new(&config.cni_socket);
+    // Answer before the server's handler timeout, with our own reason.
+    let membership_wait = enroll_config
+        .handler_timeout
+        .saturating_sub(Duration::from_secs(1));
+    let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(&state.borrow())));
+    let proxy = ProxyShared {
+        capture: Arc::clone(&capture),
+        certs: certs.clone(),
+        snapshot,
+        metrics: tcp_metrics,
+    };
+    let pods = Arc::new(Pods::new(
+        Arc::clone(&capture),
+        certs.clone(),
+        state.clone(),
+        proxy,
+        membership_wait,
+    ));
+    let resumed = pods.resume_persisted().await;
+    tracing::info!(resumed, "capture started");
+    capture_blocker.unblock();
+
+    let tasks = vec![
+        tokio::spawn(snapshot_loop(state.clone(), snapshot_tx)),
+        tokio::spawn(reconcile_loop(Arc::clone(&pods), state.clone())),
+        tokio::spawn(certified_blocker(
+            Arc::clone(&pods),
+            certs.clone(),
+            state.clone(),
+            certs_blocker,
+        )),
+    ];
+
+    let enroll = EnrollServer::bind(enroll_config, Arc::clone(&pods))
+        .await
+        .map_err(BuildError::Enroll)?;
+
+    let dump = {
+        let pods = Arc::clone(&pods);
+        let subscription = Arc::clone(&subscription);
+        let capture = Arc::clone(&capture);
+        let flags = config.clone();
+        Route::json("/config_dump", move || {
+            let state = state.borrow().clone();
+            let count = |kind| state.of_kind(kind).count();
+            serde_json::json!({
+                "config": &flags,
+                "workloads": count(ResourceKind::Workload),
+                "services": count(ResourceKind::Service),
+                "authorizations": count(ResourceKind::Authorization),
+                "peerAuthentications": count(ResourceKind::PeerAuthentication),
+                "configVersion": state.version,
+                "pods": pods.dump(),
+                "certificates": certs.snapshot(),
+                "capture": capture.status().map_err(|e| error_chain(&e)),
+                "subscription": subscription.status(),
+            })
+        })
+    };
+    let admin = AdminServers::start(&config.admin, &readiness, vec![dump])
+        .await
+        .map_err(BuildError::Admin)?;
+
+    let metrics_addr = metrics.local_addr();
+    tracing::info!(%metrics_addr, "metrics listening");
+    Ok(Bound {
+        admin,
+        metrics: metrics.serve(),
+        metrics_addr,
+        enroll,
+        subscription,
+        pods,
+        tasks,
+        drain_timeout: config.drain.drain_timeout,
+    })
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("admin", &self.admin)
+            .field("pods", &self.pods)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bound {
+    /// The readiness server's address.
+    pub fn readiness_addr(&self) -> SocketAddr {
+        self.admin.readiness_addr
+    }
+
+    /// The admin server's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.admin_addr
+    }
+
+    /// The metrics server's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The local pods.
+    pub fn pods(&self) -> &Arc<Pods> {
+        &self.pods
+    }
+
+    /// Serves until `shutdown` completes, then drains within the drain timeout.
+    /// Capture stays installed: enrolled pods are refused (never plaintext) until the
+    /// next daemon resumes them.
+    pub async fn wait_termination(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let Self {
+            admin,
+            metrics,
+            metrics_addr: _,
+            enroll,
+            subscription,
+            pods,
+            tasks,
+            drain_timeout,
+        } = self;
+        for task in &tasks {
+            task.abort();
+        }
+        let drain = async move {
+            enroll.shutdown().await;
+            pods.drain(drain_timeout).await;
+            admin.shutdown().await;
+            metrics.shutdown().await;
+            if let Ok(subscription) = Arc::try_unwrap(subscription) {
+                subscription.shutdown().await;
+            }
+            drop(pods);
+        };
+        ambit_runtime::drain_with_deadline(drain_timeout, drain).await;
+    }
+}
+
+/// Re-indexes the configuration for the proxies on every change: new connections see
+/// policy changes at once.
+async fn snapshot_loop(
+    mut state: watch::Receiver<Arc<ambit_control_client::discovery::ConfigState>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+) {
+    while state.changed().await.is_ok() {
+        let current = state.borrow_and_update().clone();
+        snapshot.send_replace(Arc::new(Snapshot::new(&current)));
+    }
+}
+
+async fn reconcile_loop(
+    pods: Arc<Pods>,
+    mut state: tokio::sync::watch::Receiver<Arc<ambit_control_client::discovery::ConfigState>>,
+) {
+    loop {
+        let current = state.borrow_and_update().clone();
+        pods.reconcile(&current).await;
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Clears the "certificates" blocker once the configuration is ready and every local
+/// pod's identity has a valid certificate.
+async fn certified_blocker(
+    pods: Arc<Pods>,
+    certs: CertManager,
+    mut state: tokio::sync::watch::Receiver<Arc<ambit_control_client::discovery::ConfigState>>,
+    blocker: ambit_runtime::readiness::Blocker,
+) {
+    let mut changes = certs.changes();
+    loop {
+        if state.borrow().is_ready() && pods.all_certified() {
+            blocker.unblock();
+            return;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            r = state.changed() => if r.is_err() { return },
+            // Identities are learnt by the reconcile loop after a state change.
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use ambit_api::config::v1::{Resource, Service, Workload};
+    use ambit_control_client::discovery::StateSource;
+
+    use super::*;
+
+    fn proposed(kinds: Vec<Kind>) -> ProposedState {
+        let resources: BTreeMap<String, Arc<Resource>> = kinds
+            .into_iter()
+            .map(|k| {
+                let r = Resource::new(k);
+                (r.key.clone(), Arc::new(r))
+            })
+            .collect();
+        ProposedState {
+            upserted: resources.keys().cloned().collect::<BTreeSet<_>>(),
+            resources,
+            removed: BTreeSet::new(),
+            version: 1,
+            is_full_snapshot: true,
+            source: StateSource::FromController,
+        }
+    }
+
+    #[test]
+    fn validator_accepts_good_config_and_nacks_unparseable_resources() {
+        let good = Kind::Workload(Workload {
+            uid: "u1".into(),
+            name: "a".into(),
+            namespace: "ns".into(),
+            addresses: vec!["10.0.0.1".into()],
+            spiffe_id: "spiffe://cluster.local/ns/ns/sa/a".into(),
+            captured: true,
+            ..Default::default()
+        });
+        assert!(validate(&proposed(vec![good.clone()])).is_ok());
+
+        let bad_ip = Kind::Workload(Workload {
+            uid: "u2".into(),
+            addresses: vec!["not-an-ip".into()],
+            ..Default::default()
+        });
+        let bad_vip = Kind::Service(Service {
+            name: "s".into(),
+            namespace: "ns".into(),
+            vips: vec!["10.0.0.300".into()],
+            ..Default::default()
+        });
+        let bad_id = Kind::Workload(Workload {
+            uid: "u3".into(),
+            spiffe_id: "nope".into(),
+            captured: true,
+            ..Default::default()
+        });
+        let err = validate(&proposed(vec![good, bad_ip, bad_vip, bad_id])).unwrap_err();
+        assert_eq!(
+            err.resource_errors.keys().cloned().collect::<Vec<_>>(),
+            ["Service/ns/s", "Workload/u2", "Workload/u3"],
+            "{err:?}"
+        );
+    }
+}
