@@ -373,7 +373,16 @@ fn traffic_survives_the_controller_going_away_and_a_daemon_restart_meanwhile() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let control = Place::Control;
+        eventually("the controller is gone", || {
+            cluster
+                .http_get(
+                    &control,
+                    SocketAddr::V4(mesh.controller.admin_addr),
+                    "/healthz/ready",
+                )
+                .is_err()
+        });
         assert!(call_ok(&cluster, "production/checkout-0", &url));
 
         nix::sys::signal::kill(
