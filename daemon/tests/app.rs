@@ -52,12 +52,7 @@ fn daemon_get(cluster: &Cluster, node: &str, metrics: bool, path: &str) -> Strin
 
 #[test]
 fn meshed_calls_go_over_hbone_with_identities_in_dump_and_metrics() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // By pod IP, same node and across nodes; the app sees checkout's own IP.
@@ -134,6 +129,19 @@ fn call_ok(cluster: &Cluster, from: &str, url: &str) -> bool {
         .success()
 }
 
+/// The default shop with the real controller, one real daemon per node and pods
+/// enrolled through the real `ambit-cni`.
+fn mesh_shop() -> Cluster {
+    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
+        if let Err(e) = ambit_test_support::bin_path(bin) {
+            panic!("{e:#}");
+        }
+    }
+    let opts =
+        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
+    Cluster::up(opts, &Topology::default_shop()).unwrap()
+}
+
 /// Polls `f` until it holds, for up to 5 s.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -174,12 +182,7 @@ spec:
 
 #[test]
 fn l4_policy_and_strict_mtls_apply_to_new_connections() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let payment = cluster.pod("production/payment-v1-1").unwrap().ip;
@@ -231,12 +234,7 @@ fn l4_policy_and_strict_mtls_apply_to_new_connections() {
 
 #[test]
 fn a_killed_daemon_fails_closed_and_a_restarted_one_resumes_its_pods() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mesh = cluster.status().mesh.unwrap();
@@ -348,12 +346,7 @@ fn start_daemon(
 
 #[test]
 fn traffic_survives_the_controller_going_away_and_a_daemon_restart_meanwhile() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mesh = cluster.status().mesh.unwrap();
@@ -472,12 +465,7 @@ fn continuous_traffic_across_certificate_rotations_has_no_failures() {
 
 #[test]
 fn sixty_four_mebibytes_each_way_arrive_byte_exact_over_hbone() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let remote = cluster.pod("production/payment-v1-1").unwrap().ip;
@@ -530,12 +518,7 @@ fn sixty_four_mebibytes_each_way_arrive_byte_exact_over_hbone() {
 
 #[test]
 fn pods_whose_namespace_leaves_the_mesh_are_unenrolled() {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        ambit_test_support::bin_path(bin).expect("workspace binaries are built");
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    let cluster = Cluster::up(opts, &Topology::default_shop()).unwrap();
+    let cluster = mesh_shop();
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let enrolled = |node: &str| {
