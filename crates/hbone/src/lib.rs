@@ -42,7 +42,8 @@ pub use server::{
     Upstream,
 };
 pub use stream::{
-    CopyError, HboneStream, Transferred, copy_bidirectional, copy_bidirectional_split,
+    CopyError, HboneStream, Transferred, copy_bidirectional, copy_bidirectional_counted,
+    copy_bidirectional_split,
 };
 
 /// The HBONE port (DESIGN §2: every enrolled pod's HBONE listener).

@@ -168,14 +168,43 @@ pub async fn copy_bidirectional(
     copy_bidirectional_split(stream, reader, writer).await
 }
 
+/// [`copy_bidirectional`] that also reports what was moved when it fails: for
+/// byte metrics of connections that end with an error (a reset, a lost peer).
+pub async fn copy_bidirectional_counted(
+    stream: HboneStream,
+    socket: &mut TcpStream,
+) -> (Transferred, Result<(), CopyError>) {
+    let (reader, writer) = socket.split();
+    let mut moved = Transferred::default();
+    let result = copy_counted(stream, reader, writer, &mut moved).await;
+    (moved, result)
+}
+
 /// [`copy_bidirectional`] over any reader/writer pair (e.g. the halves of a Unix
 /// stream or of `tokio::io::split`). `writer.shutdown()` is called when the tunnel
 /// ends its sending side.
 pub async fn copy_bidirectional_split<R, W>(
     stream: HboneStream,
+    reader: R,
+    writer: W,
+) -> Result<Transferred, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut moved = Transferred::default();
+    copy_counted(stream, reader, writer, &mut moved).await?;
+    Ok(moved)
+}
+
+/// The copy of [`copy_bidirectional_split`], counting into `moved` as it goes so
+/// that the counts survive an error.
+async fn copy_counted<R, W>(
+    stream: HboneStream,
     mut reader: R,
     mut writer: W,
-) -> Result<Transferred, CopyError>
+    moved: &mut Transferred,
+) -> Result<(), CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -188,12 +217,12 @@ where
         write_closed,
         _slot,
     } = stream;
+    let Transferred { sent, received } = moved;
 
     let to_tunnel = async {
         if write_closed {
-            return Ok(0);
+            return Ok(());
         }
-        let mut sent = 0u64;
         let mut size = INITIAL_READ;
         let mut buf = BytesMut::new();
         loop {
@@ -210,12 +239,11 @@ where
             if n == 0 {
                 send.send_data(Bytes::new(), true)
                     .map_err(|e| CopyError::TunnelSend(h2_to_io(e)))?;
-                return Ok(sent);
+                return Ok(());
             }
             if n == size && size < MAX_READ {
                 size *= 2;
             }
-            sent += n as u64;
             let mut data = buf.split().freeze();
             while !data.is_empty() {
                 let cap = poll_fn(|cx| poll_send_capacity(&mut send, cx, data.len()))
@@ -223,18 +251,18 @@ where
                     .map_err(CopyError::TunnelSend)?;
                 send.send_data(data.split_to(cap), false)
                     .map_err(|e| CopyError::TunnelSend(h2_to_io(e)))?;
+                *sent += cap as u64;
             }
         }
     };
 
     let from_tunnel = async {
-        let mut received = 0u64;
         if !pending.is_empty() {
             writer
                 .write_all(&pending)
                 .await
                 .map_err(CopyError::SocketWrite)?;
-            received += pending.len() as u64;
+            *received += pending.len() as u64;
         }
         if !read_eof {
             while let Some(data) = poll_fn(|cx| poll_recv_unreleased(&mut recv, cx))
@@ -245,7 +273,7 @@ where
                     .write_all(&data)
                     .await
                     .map_err(CopyError::SocketWrite)?;
-                received += data.len() as u64;
+                *received += data.len() as u64;
                 // Released only once written: a slow socket holds the peer back
                 // through flow control instead of buffering here.
                 let _ = recv.flow_control().release_capacity(data.len());
@@ -254,12 +282,12 @@ where
         match writer.shutdown().await {
             // The socket's peer may be gone already; there is nothing left to tell it.
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(CopyError::SocketWrite(e)),
-            _ => Ok(received),
+            _ => Ok(()),
         }
     };
 
-    let (sent, received) = tokio::try_join!(to_tunnel, from_tunnel)?;
-    Ok(Transferred { sent, received })
+    tokio::try_join!(to_tunnel, from_tunnel)?;
+    Ok(())
 }
 
 /// Next DATA chunk with its flow-control capacity already released (the caller

@@ -1082,3 +1082,60 @@ async fn a_missing_source_certificate_is_a_typed_error() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_copy_that_fails_still_reports_what_it_moved() {
+    let mesh = Mesh::new();
+    let store = mesh.store(&["checkout", "payment"]);
+    let (policy, _seen) = forwarding(None);
+    let server = serve(
+        Arc::new(SingleIdentity::new(store.clone(), mesh.id("payment"))),
+        handler(policy),
+        ServerConfig::default(),
+    )
+    .await;
+    // The app: reads 1000 bytes, answers 500, then resets once told to.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let (reset_tx, reset_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = app.accept().await.unwrap();
+        let mut buf = vec![0; 1000];
+        tcp.read_exact(&mut buf).await.unwrap();
+        tcp.write_all(&[7; 500]).await.unwrap();
+        let _ = reset_rx.await;
+        tcp.set_zero_linger().unwrap();
+        drop(tcp);
+    });
+    let pool = Pool::new(PoolConfig::default(), store);
+    let tunnel = pool
+        .connect(request(
+            &mesh,
+            "checkout",
+            "payment",
+            server.local_addr(),
+            app_addr,
+        ))
+        .await
+        .unwrap();
+    // The client side of the relay: a socket pair, one end copied into the tunnel.
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(local.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut relayed, _) = local.accept().await.unwrap();
+    let copy =
+        tokio::spawn(
+            async move { ambit_hbone::copy_bidirectional_counted(tunnel, &mut relayed).await },
+        );
+    client.write_all(&[1; 1000]).await.unwrap();
+    let mut answer = vec![0; 500];
+    timeout(DEADLINE, client.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    reset_tx.send(()).unwrap();
+    let (moved, result) = timeout(DEADLINE, copy).await.unwrap().unwrap();
+    assert!(result.is_err(), "the reset must end the copy with an error");
+    assert_eq!((moved.sent, moved.received), (1000, 500));
+}
