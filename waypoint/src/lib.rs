@@ -24,6 +24,7 @@
 //! listener and upstream this stack plugs between.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod fault;
