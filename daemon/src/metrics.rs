@@ -92,6 +92,16 @@ pub fn workload(w: Option<&ambit_api::config::v1::Workload>) -> String {
     }
 }
 
+/// A service label value: the Service's hostname, else `<name>.<namespace>`, else
+/// `unknown`.
+pub fn service(s: Option<&ambit_api::config::v1::Service>) -> String {
+    match s {
+        Some(s) if !s.hostname.is_empty() => s.hostname.clone(),
+        Some(s) => format!("{}.{}", s.name, s.namespace),
+        None => "unknown".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,7 @@ use ambit_identity::{SpiffeId, TrustBundle, WorkloadCertificate};
 use ambit_policy::authz::{ConnectionAttrs, PeerIdentity};
 use ambit_policy::peer_authn::MtlsMode;
 use ambit_policy::wire::workload_ref;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -37,7 +38,10 @@ use tokio::task::JoinHandle;
 use crate::capture::{Capture, PodHandle, PodListeners};
 use crate::metrics::{self, TcpLabels, TcpMetrics};
 use crate::pods::error_chain;
-use snapshot::{Route, Snapshot};
+use snapshot::{Route, Snapshot, WaypointAdmission};
+
+/// Read buffer of a plain TCP relay, per direction.
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// What every pod proxy shares.
 #[derive(Clone, Debug)]
@@ -279,10 +283,38 @@ impl Pod {
         let mut labels = self.labels("source");
         let src_workload = snapshot.workload(self.handle.ip());
         labels.source_workload = metrics::workload(src_workload.map(|w| &**w));
-        labels.source_principal = metrics::principal(Some(&self.identity.to_string()));
-        match snapshot.route(dst) {
+        labels.source_principal = metrics::principal(Some(self.identity.as_str()));
+        let (hbone_addr, target, identity) = match snapshot.route(dst) {
             Route::NoEndpoint { service } => {
                 tracing::debug!(%dst, service = %service.name, "no healthy endpoint");
+                return;
+            }
+            Route::NoWaypoint { waypoint, reason } => {
+                let gateway = waypoint
+                    .gateway
+                    .map(|g| format!("{}/{}", g.namespace, g.name))
+                    .unwrap_or_default();
+                tracing::info!(%dst, waypoint = %gateway, reason, "refused: the destination's waypoint cannot be reached");
+                return;
+            }
+            Route::Plain {
+                addr,
+                workload,
+                service,
+            } => {
+                labels.destination_workload = metrics::workload(workload.as_deref());
+                labels.destination_service = metrics::service(service.as_deref());
+                let mut upstream = match self.connect_from_pod(addr).await {
+                    Ok(s) => s,
+                    Err(error) => {
+                        tracing::debug!(%addr, %error, "plain connect failed");
+                        return;
+                    }
+                };
+                self.shared.metrics.opened(&labels);
+                let (to_dst, from_dst) = copy_plain(&mut client, &mut upstream).await;
+                self.shared.metrics.closed(&labels, to_dst, from_dst);
+                return;
             }
             Route::Hbone {
                 hbone_addr,
@@ -292,51 +324,63 @@ impl Pod {
                 service,
             } => {
                 labels.destination_workload = metrics::workload(Some(&workload));
-                labels.destination_principal = metrics::principal(Some(&identity.to_string()));
-                labels.destination_service = service_label(service.as_deref());
-                labels.connection_security_policy = "mutual_tls".into();
-                let mut request =
-                    ConnectRequest::new(self.identity.clone(), identity, hbone_addr, target);
-                request.forwarded_for = Some(IpAddr::V4(self.handle.ip()));
-                let tunnel = match self.pool.connect(request).await {
-                    Ok(t) => t,
-                    Err(error) => {
-                        tracing::info!(%dst, %target, error = %error_chain(&error), "HBONE connect failed");
-                        return;
-                    }
-                };
-                self.shared.metrics.opened(&labels);
-                let (to_dst, from_dst) = match ambit_hbone::copy_bidirectional(tunnel, &mut client)
-                    .await
-                {
-                    Ok(t) => (t.sent, t.received),
-                    Err(error) => {
-                        tracing::debug!(%target, error = %error_chain(&error), "outbound copy ended");
-                        (0, 0)
-                    }
-                };
-                self.shared.metrics.closed(&labels, to_dst, from_dst);
+                labels.destination_service = metrics::service(service.as_deref());
+                (hbone_addr, target, identity)
             }
-            Route::Plain {
-                addr,
-                workload,
+            // Istio's `destination_*` on the source side name the peer actually
+            // reached (the waypoint); `destination_service` the Service asked for.
+            Route::Waypoint {
+                hbone_addr,
+                target,
+                identity,
+                waypoint,
                 service,
+                workload: _,
             } => {
-                labels.destination_workload = metrics::workload(workload.as_deref());
-                labels.destination_service = service_label(service.as_deref());
-                let mut upstream = match self.connect_from_pod(addr).await {
-                    Ok(s) => s,
-                    Err(error) => {
-                        tracing::debug!(%addr, %error, "plain connect failed");
-                        return;
-                    }
-                };
-                self.shared.metrics.opened(&labels);
-                let (to_dst, from_dst) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .unwrap_or((0, 0));
-                self.shared.metrics.closed(&labels, to_dst, from_dst);
+                labels.destination_workload = metrics::workload(Some(&waypoint));
+                labels.destination_service = metrics::service(service.as_deref());
+                (hbone_addr, target, identity)
             }
+        };
+        labels.destination_principal = metrics::principal(Some(identity.as_str()));
+        labels.connection_security_policy = "mutual_tls".into();
+        let mut request = ConnectRequest::new(self.identity.clone(), identity, hbone_addr, target);
+        request.forwarded_for = Some(IpAddr::V4(self.handle.ip()));
+        let tunnel = match self.pool.connect(request).await {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::info!(%dst, %target, %hbone_addr, error = %error_chain(&error), "HBONE connect failed");
+                return;
+            }
+        };
+        self.shared.metrics.opened(&labels);
+        let (moved, result) = ambit_hbone::copy_bidirectional_counted(tunnel, &mut client).await;
+        if let Err(error) = result {
+            tracing::debug!(%target, error = %error_chain(&error), "outbound copy ended");
+        }
+        // `sent` is from the client socket into the tunnel.
+        self.shared
+            .metrics
+            .closed(&labels, moved.sent, moved.received);
+    }
+
+    /// Checks that traffic to this pod on `port` from `peer` (`None`: plaintext)
+    /// may arrive here: when the pod is fronted by waypoints, only from one of them
+    /// (fail closed, DESIGN §4). `Ok(true)` when `peer` is such a waypoint.
+    fn check_waypoint(
+        &self,
+        snapshot: &Snapshot,
+        port: u16,
+        peer: Option<&SpiffeId>,
+    ) -> Result<bool, Refusal> {
+        let Some(workload) = snapshot.workload(self.handle.ip()) else {
+            // Fail closed: an enrolled pod the configuration no longer knows.
+            return Err(Refusal::PolicyDenied);
+        };
+        match snapshot.waypoint_admission(workload, port, peer) {
+            WaypointAdmission::NotFronted => Ok(false),
+            WaypointAdmission::FromWaypoint => Ok(true),
+            WaypointAdmission::Bypass => Err(Refusal::PolicyDenied),
         }
     }
 
@@ -374,20 +418,36 @@ impl Pod {
         }
     }
 
+    /// The labels of an inbound connection to `port` from `client` (`peer`: the
+    /// verified identity, for HBONE). `via_waypoint`: the tunnel came from this pod's
+    /// waypoint and `client` is the original client it vouches for (`Forwarded`).
     fn inbound_labels(
         &self,
         snapshot: &Snapshot,
-        source: SocketAddr,
+        client: IpAddr,
+        port: u16,
         peer: Option<&SpiffeId>,
+        via_waypoint: bool,
     ) -> TcpLabels {
         let mut labels = self.labels("destination");
-        if let IpAddr::V4(ip) = source.ip() {
-            labels.source_workload = metrics::workload(snapshot.workload(ip).map(|w| &**w));
-        }
-        labels.source_principal = metrics::principal(peer.map(ToString::to_string).as_deref());
-        labels.destination_workload =
-            metrics::workload(snapshot.workload(self.handle.ip()).map(|w| &**w));
-        labels.destination_principal = metrics::principal(Some(&self.identity.to_string()));
+        let client_workload = match client {
+            IpAddr::V4(ip) => snapshot.workload(ip),
+            IpAddr::V6(_) => None,
+        };
+        labels.source_workload = metrics::workload(client_workload.map(|w| &**w));
+        labels.source_principal = match (via_waypoint, client_workload) {
+            // The waypoint authenticated the original client on its own inbound.
+            (true, Some(w)) if w.captured => metrics::principal(Some(&w.spiffe_id)),
+            _ => metrics::principal(peer.map(SpiffeId::as_str)),
+        };
+        let local = snapshot.workload(self.handle.ip());
+        labels.destination_workload = metrics::workload(local.map(|w| &**w));
+        labels.destination_principal = metrics::principal(Some(self.identity.as_str()));
+        labels.destination_service = metrics::service(
+            local
+                .and_then(|w| snapshot.service_for_endpoint(w, port))
+                .map(|s| &**s),
+        );
         labels.connection_security_policy =
             if peer.is_some() { "mutual_tls" } else { "none" }.into();
         labels
@@ -398,11 +458,15 @@ impl Pod {
             return;
         };
         let snapshot = self.shared.snapshot.borrow().clone();
+        if let Err(refusal) = self.check_waypoint(&snapshot, target.port(), None) {
+            tracing::info!(%peer, %target, ?refusal, "plaintext inbound refused: the destination is behind a waypoint");
+            return;
+        }
         if let Err(refusal) = self.authorize(&snapshot, peer, target, None) {
             tracing::info!(%peer, %target, ?refusal, "plaintext inbound refused");
             return;
         }
-        let labels = self.inbound_labels(&snapshot, peer, None);
+        let labels = self.inbound_labels(&snapshot, peer.ip(), target.port(), None, false);
         let mut app = match self.connect_app(peer, target).await {
             Ok(s) => s,
             Err(error) => {
@@ -411,18 +475,47 @@ impl Pod {
             }
         };
         self.shared.metrics.opened(&labels);
-        let (to_dst, from_dst) = tokio::io::copy_bidirectional(&mut client, &mut app)
-            .await
-            .unwrap_or((0, 0));
+        let (to_dst, from_dst) = copy_plain(&mut client, &mut app).await;
         self.shared.metrics.closed(&labels, to_dst, from_dst);
     }
 }
 
-fn service_label(service: Option<&ambit_api::config::v1::Service>) -> String {
-    match service {
-        Some(s) if !s.hostname.is_empty() => s.hostname.clone(),
-        Some(s) => format!("{}.{}", s.name, s.namespace),
-        None => "unknown".to_owned(),
+/// Relays between two sockets until both directions ended, passing half-closes on;
+/// the bytes moved each way (`a` → `b`, `b` → `a`), also when the relay ends with
+/// an error (for the byte metrics).
+async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64) {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
+    let result = tokio::try_join!(
+        copy_counted(&mut a_read, &mut b_write, &mut a_to_b),
+        copy_counted(&mut b_read, &mut a_write, &mut b_to_a),
+    );
+    if let Err(error) = result {
+        tracing::debug!(%error, "plain copy ended");
+    }
+    (a_to_b, b_to_a)
+}
+
+/// Copies `reader` to `writer` until EOF, then shuts `writer`'s sending side down;
+/// adds every byte written to `count`.
+async fn copy_counted<R, W>(reader: &mut R, writer: &mut W, count: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        let Some(data) = buf.get(..n).filter(|d| !d.is_empty()) else {
+            return match writer.shutdown().await {
+                // The peer may be gone already; there is nothing left to tell it.
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                _ => Ok(()),
+            };
+        };
+        writer.write_all(data).await?;
+        *count += n as u64;
     }
 }
 
@@ -435,15 +528,36 @@ impl Handler for Inbound {
             return Err(Refusal::BadRequest);
         }
         let snapshot = pod.shared.snapshot.borrow().clone();
+        let port = request.target.port();
+        let via_waypoint = match pod.check_waypoint(&snapshot, port, Some(&request.peer)) {
+            Ok(v) => v,
+            Err(refusal) => {
+                tracing::info!(peer = %request.peer, target = %request.target, "HBONE inbound refused: the destination is behind a waypoint and the peer is not it");
+                return Err(refusal);
+            }
+        };
+        // Policy sees the tunnel's peer (for traffic from a waypoint, the waypoint:
+        // the original client's identity was checked there, as in Istio ambient).
         let source = request.peer_addr;
         if let Err(refusal) = pod.authorize(&snapshot, source, request.target, Some(&request.peer))
         {
             tracing::info!(peer = %request.peer, target = %request.target, "HBONE inbound denied by policy");
             return Err(refusal);
         }
-        let labels = pod.inbound_labels(&snapshot, source, Some(&request.peer));
+        // Only this pod's waypoint (verified above) is trusted to name the client.
+        let client = match request.forwarded_for {
+            Some(ip) if via_waypoint => SocketAddr::new(ip, 0),
+            _ => source,
+        };
+        let labels = pod.inbound_labels(
+            &snapshot,
+            client.ip(),
+            port,
+            Some(&request.peer),
+            via_waypoint,
+        );
         let app = pod
-            .connect_app(source, request.target)
+            .connect_app(client, request.target)
             .await
             .map_err(|error| {
                 tracing::debug!(target = %request.target, %error, "app connect failed");
@@ -460,13 +574,13 @@ impl Handler for Inbound {
 
 impl Upstream for AppUpstream {
     async fn serve(mut self, stream: ambit_hbone::HboneStream) {
-        let (to_dst, from_dst) = match ambit_hbone::copy_bidirectional(stream, &mut self.app).await
-        {
-            // `sent` is from the app socket into the tunnel: what the client received.
-            Ok(t) => (t.received, t.sent),
-            Err(_) => (0, 0),
-        };
-        self.metrics.closed(&self.labels, to_dst, from_dst);
+        let (moved, result) = ambit_hbone::copy_bidirectional_counted(stream, &mut self.app).await;
+        if let Err(error) = result {
+            tracing::debug!(error = %error_chain(&error), "inbound copy ended");
+        }
+        // `sent` is from the app socket into the tunnel: what the client received.
+        self.metrics
+            .closed(&self.labels, moved.received, moved.sent);
     }
 }
 
