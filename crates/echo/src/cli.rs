@@ -16,8 +16,10 @@ use http::Method;
 use crate::{
     call::CallConfig,
     client::{HeaderArg, Protocol, RequestSpec, RequestSpecError, Target},
+    hold::HoldConfig,
     load::{LoadConfig, LoadTarget, Stop},
     serve::{FaultError, Faults, Identity, ServeConfig},
+    stream::StreamConfig,
 };
 
 /// Sample workload for the Ambit simulated cluster: an HTTP/TCP echo server, a
@@ -42,6 +44,11 @@ pub enum Command {
     /// Generate load and print one JSON summary to stdout. Failed requests are counted
     /// in the summary; the exit status is 1 only when the run could not happen.
     Load(LoadArgs),
+    /// Bulk TCP throughput to a discard sink; print one JSON summary to stdout.
+    Stream(StreamArgs),
+    /// Open many TCP connections to an echo server, print one JSON report line, and
+    /// keep them open until stdin reaches EOF (or SIGTERM/SIGINT).
+    Hold(HoldArgs),
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +68,9 @@ pub struct ServeArgs {
     /// TCP echo listen address.
     #[arg(long, env = "ECHO_TCP_ADDR", default_value = "0.0.0.0:9090")]
     pub tcp_addr: SocketAddr,
+    /// TCP discard sink listen address (reads and drops everything; for `stream`).
+    #[arg(long, env = "ECHO_DISCARD_ADDR", default_value = "0.0.0.0:9091")]
+    pub discard_addr: SocketAddr,
     /// Fraction (0.0 to 1.0) of requests answered with --fail-status.
     #[arg(long, env = "ECHO_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fail_rate)]
     pub fail_rate: f64,
@@ -91,6 +101,9 @@ pub struct CallArgs {
     /// Request body.
     #[arg(long, short = 'd')]
     pub data: Option<String>,
+    /// Request body read from this file (for bodies too large for the command line).
+    #[arg(long, value_name = "FILE", conflicts_with = "data", value_parser = read_body_file)]
+    pub data_file: Option<Bytes>,
     /// Exit 1 unless the response has this status.
     #[arg(long, value_name = "STATUS")]
     pub expect_status: Option<u16>,
@@ -133,11 +146,53 @@ pub struct LoadArgs {
     /// HTTP: request method.
     #[arg(long, short = 'X', default_value = "GET", value_parser = parse_method, conflicts_with = "tcp")]
     pub method: Method,
+    /// HTTP: send a request body of this many bytes (use with -X POST).
+    #[arg(long, default_value = "0", conflicts_with = "tcp")]
+    pub body_size: usize,
+    /// Open a new connection for every request and close it afterwards (connecting
+    /// then counts in the request's latency).
+    #[arg(long)]
+    pub new_connection: bool,
     /// TCP: bytes per round trip.
     #[arg(long, default_value = "64", conflicts_with = "url")]
     pub size: NonZeroUsize,
     /// Per-request deadline, including connecting when needed.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// HOST:PORT of a discard sink (`ambit-echo serve` listens on 9091).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub to: String,
+    /// Parallel connections.
+    #[arg(long, default_value = "1")]
+    pub streams: NonZeroUsize,
+    /// How long each stream sends (e.g. 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Bytes per write.
+    #[arg(long, default_value = "65536")]
+    pub chunk_size: NonZeroUsize,
+    /// Deadline for connecting, and for the sink to close after the last write.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    /// HOST:PORT of a TCP echo server.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub tcp: String,
+    /// Connections to open.
+    #[arg(long, default_value = "1000")]
+    pub connections: NonZeroUsize,
+    /// Connections being opened at the same time.
+    #[arg(long, default_value = "64")]
+    pub parallel: NonZeroUsize,
+    /// Deadline per connection for connecting and its one-byte round trip.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
@@ -163,6 +218,7 @@ impl ServeArgs {
             },
             http_addr: self.http_addr,
             tcp_addr: self.tcp_addr,
+            discard_addr: self.discard_addr,
             faults: Faults::new(self.fail_rate, self.fail_status)?,
             drain_timeout: self.drain.drain_timeout,
         })
@@ -172,7 +228,11 @@ impl ServeArgs {
 impl CallArgs {
     pub fn into_config(self) -> Result<CallConfig, RequestSpecError> {
         let protocol = protocol(self.http2);
-        let body = self.data.map(Bytes::from).unwrap_or_default();
+        let body = self
+            .data
+            .map(Bytes::from)
+            .or(self.data_file)
+            .unwrap_or_default();
         Ok(CallConfig {
             request: RequestSpec::new(&self.url, protocol, self.method, self.headers, body)?,
             timeout: self.timeout,
@@ -188,7 +248,7 @@ impl LoadArgs {
                 protocol(self.http2),
                 self.method,
                 self.headers,
-                Bytes::new(),
+                Bytes::from(vec![b'x'; self.body_size]),
             )?),
             // clap requires exactly one of --url and --tcp.
             (None, tcp) => LoadTarget::Tcp {
@@ -206,7 +266,31 @@ impl LoadArgs {
             concurrency: self.concurrency,
             rate: self.rate,
             timeout: self.timeout,
+            new_connection: self.new_connection,
         })
+    }
+}
+
+impl StreamArgs {
+    pub fn into_config(self) -> StreamConfig {
+        StreamConfig {
+            addr: self.to,
+            streams: self.streams,
+            duration: self.duration,
+            chunk: self.chunk_size,
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl HoldArgs {
+    pub fn into_config(self) -> HoldConfig {
+        HoldConfig {
+            addr: self.tcp,
+            connections: self.connections,
+            parallel: self.parallel,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -245,6 +329,12 @@ fn parse_rate(s: &str) -> Result<f64, String> {
             "{s:?} is not a positive number of requests per second"
         )),
     }
+}
+
+fn read_body_file(path: &str) -> Result<Bytes, String> {
+    std::fs::read(path)
+        .map(Bytes::from)
+        .map_err(|e| format!("reading the request body from {path}: {e}"))
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -349,6 +439,53 @@ mod tests {
     }
 
     #[test]
+    fn bench_flags_parse() {
+        let cli = parse(&[
+            "load",
+            "--url",
+            "http://a/",
+            "-X",
+            "POST",
+            "--body-size",
+            "1024",
+            "--new-connection",
+        ])
+        .unwrap();
+        let Command::Load(args) = cli.command else {
+            panic!("not load")
+        };
+        let config = args.into_config().unwrap();
+        assert!(config.new_connection);
+        let LoadTarget::Http(spec) = config.target else {
+            panic!("not HTTP")
+        };
+        use hyper::body::Body as _;
+        assert_eq!(spec.request().body().size_hint().exact(), Some(1024));
+        assert!(parse(&["load", "--tcp", "a:1", "--body-size", "8"]).is_err());
+
+        let cli = parse(&["stream", "--to", "a:9091", "--streams", "4"]).unwrap();
+        let Command::Stream(args) = cli.command else {
+            panic!("not stream")
+        };
+        let config = args.into_config();
+        assert_eq!((config.addr.as_str(), config.streams.get()), ("a:9091", 4));
+        assert!(parse(&["stream", "--to", "a"]).is_err());
+        assert!(parse(&["stream", "--to", "a:1", "--streams", "0"]).is_err());
+
+        let cli = parse(&["hold", "--tcp", "a:9090", "--connections", "10"]).unwrap();
+        let Command::Hold(args) = cli.command else {
+            panic!("not hold")
+        };
+        assert_eq!(args.into_config().connections.get(), 10);
+
+        let cli = parse(&["serve", "--discard-addr", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.into_config().unwrap().discard_addr.port(), 0);
+    }
+
+    #[test]
     fn call_flags_parse() {
         let cli = parse(&[
             "call",
@@ -378,5 +515,22 @@ mod tests {
         assert_eq!(config.timeout, Duration::from_millis(250));
         assert_eq!(config.request.protocol(), Protocol::Http2);
         assert!(parse(&["call", "https://a/"]).is_err());
+    }
+
+    #[test]
+    fn call_body_from_a_file() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let cli = parse(&["call", "http://a/", "-X", "POST", "--data-file", file]).unwrap();
+        let Command::Call(args) = cli.command else {
+            panic!("not call")
+        };
+        assert_eq!(
+            args.data_file.as_deref(),
+            Some(std::fs::read(file).unwrap().as_slice())
+        );
+
+        let err = parse(&["call", "http://a/", "--data-file", "/nonexistent/body"]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/body"), "{err}");
+        assert!(parse(&["call", "http://a/", "-d", "x", "--data-file", file]).is_err());
     }
 }

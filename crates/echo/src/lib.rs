@@ -1,11 +1,16 @@
 //! The sample workload of the simulated cluster.
 //!
-//! One binary, three jobs:
+//! One binary, five jobs:
 //! - [`serve`]: an HTTP/1.1 + h2c echo server that reports which pod answered, with
-//!   per-request and per-process failure injection, plus a raw TCP echo listener;
+//!   per-request and per-process failure injection, plus a raw TCP echo listener and a
+//!   TCP discard sink;
 //! - [`call`]: one HTTP request, printing the answer (a scriptable `curl`);
 //! - [`load`]: a load client that counts answers by status, pod and version and prints
-//!   one JSON [`load::Summary`].
+//!   one JSON [`load::Summary`];
+//! - [`stream`]: bulk TCP throughput to the discard sink ([`stream::StreamSummary`]);
+//! - [`hold`]: many open, idle TCP connections ([`hold::HoldReport`]).
+//!
+//! `cargo xtask bench` drives `load`, `stream` and `hold` inside the simulated cluster.
 //!
 //! Every entry point takes a typed, validated config struct; [`cli`] turns command-line
 //! flags (with environment fallbacks) into those structs, so `main` only dispatches.
@@ -14,8 +19,10 @@
 pub mod call;
 pub mod cli;
 pub mod client;
+pub mod hold;
 pub mod load;
 pub mod serve;
+pub mod stream;
 
 /// Response header naming the pod that answered.
 pub const POD_HEADER: &str = "x-echo-pod";
@@ -23,6 +30,9 @@ pub const POD_HEADER: &str = "x-echo-pod";
 pub const VERSION_HEADER: &str = "x-echo-version";
 /// Request header asking the server to answer with this status.
 pub const STATUS_HEADER: &str = "x-echo-status";
+/// Request header asking the server to answer with a body of exactly this many bytes
+/// instead of the JSON description (fixed-size request/response benchmarks).
+pub const RESPONSE_BYTES_HEADER: &str = "x-echo-response-bytes";
 /// Request header asking the server to wait this many milliseconds before answering.
 pub const DELAY_HEADER: &str = "x-echo-delay-ms";
 /// Path of the run-time failure-injection control endpoint.

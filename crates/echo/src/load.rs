@@ -5,17 +5,20 @@
 //!   connection) and replaces it after an error or when the server closes it.
 //! - TCP: each worker keeps one connection and does round trips of `size` bytes (write
 //!   them, read exactly that many back); each round trip counts as a request.
+//! - With `new_connection`, every request opens its own connection and closes it
+//!   afterwards (connection-rate measurements); connecting is then part of the request.
 //!
 //! Pacing (`rate`): request `k` (counted across all workers from 0) is scheduled at
 //! `start + k / rate`, and the next free worker takes the next slot. If the workers
 //! cannot keep up they fall behind the schedule and send back-to-back until they catch
 //! up, so the achieved rate is at most `rate` and at most what `concurrency` allows.
-//! Latency is measured from when a request is actually sent (not from its scheduled
-//! slot), so it is not corrected for coordinated omission.
+//! A paced run is open-loop: latency is measured from a request's *scheduled* slot, so
+//! time a request waited for a free worker counts (no coordinated omission). Unpaced,
+//! latency is measured from when the request is sent.
 //!
-//! Latency covers sending the request to reading the last byte of the response (or of
-//! the echoed payload); connecting is not included. Only requests that got a response
-//! are in the latency figures.
+//! Latency ends when the last byte of the response (or of the echoed payload) is read;
+//! connecting is included only when the request opened its connection under
+//! `new_connection`. Only requests that got a response are in the latency figures.
 
 use std::{
     collections::BTreeMap,
@@ -83,6 +86,8 @@ pub struct LoadConfig {
     pub rate: Option<f64>,
     /// Per request, including connecting when the worker needs a new connection.
     pub timeout: Duration,
+    /// Open a fresh connection for every request and close it afterwards.
+    pub new_connection: bool,
 }
 
 /// Why a load run could not run.
@@ -127,6 +132,13 @@ pub struct Summary {
     pub duration_s: f64,
     /// `requests / duration_s`.
     pub rps: f64,
+    /// Connections opened (successful connects).
+    #[serde(default)]
+    pub connections: u64,
+    /// Whether latency was measured from each request's scheduled slot (paced runs)
+    /// rather than from when it was sent.
+    #[serde(default)]
+    pub latency_from_schedule: bool,
 }
 
 /// Latency of requests that got a response, in milliseconds (microsecond resolution);
@@ -144,6 +156,7 @@ pub struct Latency {
 #[derive(Debug)]
 struct Tally {
     requests: u64,
+    connections: u64,
     ok: u64,
     errors: u64,
     status: BTreeMap<u16, u64>,
@@ -170,6 +183,13 @@ struct HttpOutcome {
     pod: Option<String>,
     version: Option<String>,
     latency: Duration,
+}
+
+/// How a worker handles its connection.
+#[derive(Clone, Copy, Debug)]
+struct WorkerOpts {
+    timeout: Duration,
+    new_connection: bool,
 }
 
 /// Why a TCP round trip failed.
@@ -214,17 +234,20 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
         rate: config.rate,
     });
 
+    let opts = WorkerOpts {
+        timeout: config.timeout,
+        new_connection: config.new_connection,
+    };
     let mut workers = JoinSet::new();
     for _ in 0..config.concurrency.get() {
         let tally = Tally::new()?;
         let schedule = schedule.clone();
-        let timeout = config.timeout;
         match &config.target {
             LoadTarget::Http(spec) => {
-                workers.spawn(http_worker(spec.clone(), schedule, timeout, tally));
+                workers.spawn(http_worker(spec.clone(), schedule, opts, tally));
             }
             LoadTarget::Tcp { addr, size } => {
-                workers.spawn(tcp_worker(addr.clone(), *size, schedule, timeout, tally));
+                workers.spawn(tcp_worker(addr.clone(), *size, schedule, opts, tally));
             }
         }
     }
@@ -232,25 +255,50 @@ pub async fn run(config: LoadConfig) -> Result<Summary, LoadError> {
     while let Some(res) = workers.join_next().await {
         total.merge(res.map_err(LoadError::Worker)?)?;
     }
-    Ok(total.summary(start.elapsed()))
+    let mut summary = total.summary(start.elapsed());
+    summary.latency_from_schedule = config.rate.is_some();
+    Ok(summary)
+}
+
+/// A claimed request slot.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// When the request was scheduled (pacing), else `None`.
+    scheduled: Option<Instant>,
 }
 
 impl Schedule {
-    /// Claims the next request slot and waits for its time when pacing; `false` once
+    /// Claims the next request slot and waits for its time when pacing; `None` once
     /// the run is over.
-    async fn next_slot(&self) -> bool {
+    async fn next_slot(&self) -> Option<Slot> {
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         if self.limit.is_some_and(|n| k >= n) {
-            return false;
+            return None;
         }
+        let mut scheduled = None;
         if let Some(rate) = self.rate {
             let at = self.start + Duration::from_secs_f64(k as f64 / rate);
             if self.deadline.is_some_and(|d| at >= d) {
-                return false;
+                return None;
             }
             tokio::time::sleep_until(at).await;
+            scheduled = Some(at);
         }
-        self.deadline.is_none_or(|d| Instant::now() < d)
+        self.deadline
+            .is_none_or(|d| Instant::now() < d)
+            .then_some(Slot { scheduled })
+    }
+}
+
+impl Slot {
+    /// The latency to record for a request that took `measured` from being sent to
+    /// its last byte at `done`: when pacing, from the scheduled slot instead (the
+    /// open-loop view, which counts time spent waiting for a free worker).
+    fn latency(self, measured: Duration, done: Instant) -> Duration {
+        match self.scheduled {
+            Some(at) => done.saturating_duration_since(at).max(measured),
+            None => measured,
+        }
     }
 }
 
@@ -258,6 +306,7 @@ impl Tally {
     fn new() -> Result<Self, LoadError> {
         Ok(Self {
             requests: 0,
+            connections: 0,
             ok: 0,
             errors: 0,
             status: BTreeMap::new(),
@@ -309,6 +358,7 @@ impl Tally {
             }
         }
         self.requests += other.requests;
+        self.connections += other.connections;
         self.ok += other.ok;
         self.errors += other.errors;
         add(&mut self.status, other.status);
@@ -350,6 +400,8 @@ impl Tally {
             } else {
                 0.0
             },
+            connections: self.connections,
+            latency_from_schedule: false,
         }
     }
 }
@@ -357,13 +409,26 @@ impl Tally {
 async fn http_worker(
     spec: RequestSpec,
     schedule: Arc<Schedule>,
-    timeout: Duration,
+    opts: WorkerOpts,
     mut tally: Tally,
 ) -> Tally {
     let mut conn = None;
-    while schedule.next_slot().await {
-        match tokio::time::timeout(timeout, http_once(&spec, &mut conn)).await {
-            Ok(Ok(outcome)) => tally.http(outcome),
+    while let Some(slot) = schedule.next_slot().await {
+        let result = tokio::time::timeout(
+            opts.timeout,
+            http_once(
+                &spec,
+                &mut conn,
+                opts.new_connection,
+                &mut tally.connections,
+            ),
+        )
+        .await;
+        match result {
+            Ok(Ok(mut outcome)) => {
+                outcome.latency = slot.latency(outcome.latency, Instant::now());
+                tally.http(outcome);
+            }
             Ok(Err(e)) => {
                 conn = None;
                 tally.error(e.kind());
@@ -371,8 +436,11 @@ async fn http_worker(
             Err(_) => {
                 // The connection may still carry the late response; start afresh.
                 conn = None;
-                tally.error(ClientError::Timeout(timeout).kind());
+                tally.error(ClientError::Timeout(opts.timeout).kind());
             }
+        }
+        if opts.new_connection {
+            conn = None;
         }
     }
     tally
@@ -381,6 +449,8 @@ async fn http_worker(
 async fn http_once(
     spec: &RequestSpec,
     conn: &mut Option<Connection>,
+    new_connection: bool,
+    connections: &mut u64,
 ) -> Result<HttpOutcome, ClientError> {
     // A kept-alive connection the server has closed is replaced without counting an
     // error: that is connection management, not a failed request.
@@ -389,11 +459,21 @@ async fn http_once(
     {
         *conn = None;
     }
+    // Under new_connection, connecting is part of the request.
+    let started = Instant::now();
     let c = match conn {
         Some(c) => c,
-        None => conn.insert(Connection::connect(spec.connect_addr(), spec.protocol()).await?),
+        None => {
+            let c = Connection::connect(spec.connect_addr(), spec.protocol()).await?;
+            *connections += 1;
+            conn.insert(c)
+        }
     };
-    let started = Instant::now();
+    let started = if new_connection {
+        started
+    } else {
+        Instant::now()
+    };
     let resp = c.send(spec.request()).await?;
     let header = |name: &str| {
         resp.headers()
@@ -420,16 +500,34 @@ async fn tcp_worker(
     addr: String,
     size: NonZeroUsize,
     schedule: Arc<Schedule>,
-    timeout: Duration,
+    opts: WorkerOpts,
     mut tally: Tally,
 ) -> Tally {
     let payload = random_payload(size.get());
     let mut echoed = vec![0u8; size.get()];
     let mut conn = None;
-    while schedule.next_slot().await {
-        match tokio::time::timeout(timeout, tcp_once(&addr, &payload, &mut echoed, &mut conn)).await
-        {
-            Ok(Ok(latency)) if echoed == payload => tally.tcp_ok(latency),
+    while let Some(slot) = schedule.next_slot().await {
+        let result = tokio::time::timeout(
+            opts.timeout,
+            tcp_once(
+                &addr,
+                &payload,
+                &mut echoed,
+                &mut conn,
+                opts.new_connection,
+                &mut tally.connections,
+            ),
+        )
+        .await;
+        let done = Instant::now();
+        if opts.new_connection {
+            // Dropping the stream closes it; the echo server closes its side on EOF.
+            conn = None;
+        }
+        match result {
+            Ok(Ok(latency)) if echoed == payload => {
+                tally.tcp_ok(slot.latency(latency, done));
+            }
             Ok(Ok(_)) => {
                 // The stream is out of step with our payloads now; start afresh.
                 conn = None;
@@ -441,7 +539,7 @@ async fn tcp_worker(
             }
             Err(_) => {
                 conn = None;
-                tally.error(ClientError::Timeout(timeout).kind());
+                tally.error(ClientError::Timeout(opts.timeout).kind());
             }
         }
     }
@@ -453,7 +551,11 @@ async fn tcp_once(
     payload: &[u8],
     echoed: &mut [u8],
     conn: &mut Option<TcpStream>,
+    new_connection: bool,
+    connections: &mut u64,
 ) -> Result<Duration, TcpError> {
+    // Under new_connection, connecting is part of the request.
+    let connect_started = Instant::now();
     let stream = match conn {
         Some(s) => s,
         None => {
@@ -463,10 +565,15 @@ async fn tcp_once(
             };
             let s = TcpStream::connect(addr).await.map_err(connect_err)?;
             s.set_nodelay(true).map_err(connect_err)?;
+            *connections += 1;
             conn.insert(s)
         }
     };
-    let started = Instant::now();
+    let started = if new_connection {
+        connect_started
+    } else {
+        Instant::now()
+    };
     let (mut rd, mut wr) = stream.split();
     // Write and read at once: a payload larger than the socket buffers would otherwise
     // deadlock against a server that echoes as it reads.
@@ -552,6 +659,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn paced_latency_counts_from_the_scheduled_slot() {
+        let at = Instant::now();
+        let done = at + Duration::from_millis(10);
+        let measured = Duration::from_millis(1);
+        let paced = Slot {
+            scheduled: Some(at),
+        };
+        assert_eq!(paced.latency(measured, done), Duration::from_millis(10));
+        // Never below what was measured (a slot in the future cannot shorten it).
+        let early = Slot {
+            scheduled: Some(done),
+        };
+        assert_eq!(early.latency(measured, done), measured);
+        let unpaced = Slot { scheduled: None };
+        assert_eq!(unpaced.latency(measured, done), measured);
+    }
+
     #[tokio::test]
     async fn invalid_configs_are_rejected() {
         let config = |rate, stop, timeout| LoadConfig {
@@ -563,6 +688,7 @@ mod tests {
             concurrency: NonZeroUsize::MIN,
             rate,
             timeout,
+            new_connection: false,
         };
         let one = Stop::Requests(NonZeroU64::MIN);
         let sec = Duration::from_secs(1);

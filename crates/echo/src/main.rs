@@ -6,7 +6,7 @@ use std::{io::Write as _, process::ExitCode};
 use ambit_echo::{
     call,
     cli::{Cli, Command},
-    load, serve,
+    hold, load, serve, stream,
 };
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
@@ -33,6 +33,14 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves when stdin reaches EOF (or fails): the caller's signal to stop holding.
+async fn stdin_eof() {
+    use tokio::io::AsyncReadExt as _;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 256];
+    while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,6 +76,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = load::run(args.into_config()?).await?;
             let json = serde_json::to_string(&summary).context("serializing the summary")?;
             println!("{json}");
+        }
+        Command::Stream(args) => {
+            let summary = stream::run(args.into_config()).await?;
+            let json = serde_json::to_string(&summary).context("serializing the summary")?;
+            println!("{json}");
+        }
+        Command::Hold(args) => {
+            // Registered first so a SIGTERM while connecting is not lost.
+            let shutdown = ambit_runtime::shutdown_signal()?;
+            let held = hold::open(args.into_config()).await?;
+            let json = serde_json::to_string(&held.report).context("serializing the report")?;
+            {
+                let mut out = std::io::stdout().lock();
+                out.write_all(json.as_bytes())
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush())
+                    .context("writing the report to stdout")?;
+            }
+            let signalled = tokio::select! {
+                () = stdin_eof() => false,
+                _ = shutdown => true,
+            };
+            drop(held);
+            if signalled {
+                // The blocking stdin read cannot be cancelled and would keep the
+                // runtime from shutting down; the connections are closed already.
+                std::process::exit(0);
+            }
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! The echo server: HTTP/1.1 and h2c on one port, raw TCP echo on another.
+//! The echo server: HTTP/1.1 and h2c on one port, raw TCP echo on another, and a TCP
+//! discard sink (reads and drops everything, for throughput measurements) on a third.
 //!
 //! Every HTTP answer says which pod, namespace and version produced it and what the
 //! server saw (peer address, method, path, protocol, headers, body size), so mesh tests
@@ -8,6 +9,10 @@
 //! the process-wide failure injection (a `fail_rate` fraction of requests answer
 //! `fail_status`); otherwise 200. `/_echo/health` and `/_echo/control` are never subject
 //! to either.
+//!
+//! Body selection: with an `x-echo-response-bytes: N` request header the answer's body
+//! is exactly `N` bytes (`application/octet-stream`, at most [`MAX_RESPONSE_BYTES`]),
+//! for fixed-size request/response benchmarks; otherwise the JSON description.
 
 use std::{
     collections::BTreeMap,
@@ -38,10 +43,15 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{CONTROL_PATH, DELAY_HEADER, HEALTH_PATH, POD_HEADER, STATUS_HEADER, VERSION_HEADER};
+use crate::{
+    CONTROL_PATH, DELAY_HEADER, HEALTH_PATH, POD_HEADER, RESPONSE_BYTES_HEADER, STATUS_HEADER,
+    VERSION_HEADER,
+};
 
 /// Longest delay `x-echo-delay-ms` may ask for.
 pub const MAX_DELAY_MS: u64 = 3_600_000;
+/// Largest body `x-echo-response-bytes` may ask for (16 MiB).
+pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
 /// Largest control request body accepted.
 const MAX_CONTROL_BODY: usize = 64 * 1024;
 
@@ -77,6 +87,8 @@ pub struct ServeConfig {
     pub identity: Identity,
     pub http_addr: SocketAddr,
     pub tcp_addr: SocketAddr,
+    /// TCP discard sink: reads and drops everything, closes after the client's EOF.
+    pub discard_addr: SocketAddr,
     pub faults: Faults,
     /// How long in-flight requests and TCP echo connections may take to finish once
     /// shutdown starts; whatever is left after that is dropped.
@@ -105,6 +117,12 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("binding the TCP discard listener on {addr}")]
+    BindDiscard {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading the local address of the {0} listener")]
     LocalAddr(&'static str, #[source] io::Error),
 }
@@ -117,8 +135,11 @@ pub struct Bound {
     pub http_addr: SocketAddr,
     /// Where TCP echo is served.
     pub tcp_addr: SocketAddr,
+    /// Where the TCP discard sink is served.
+    pub discard_addr: SocketAddr,
     http: TcpListener,
     tcp: TcpListener,
+    discard: TcpListener,
     state: Arc<State>,
     drain_timeout: Duration,
 }
@@ -175,7 +196,9 @@ enum ControlError {
     Range(#[from] FaultError),
 }
 
-/// Binds both listeners. Port 0 picks a free port; the chosen ones are in the result.
+/// Binds the three listeners. Port 0 picks a free port; the chosen ones are in the
+/// result. The discard listener is bound before the TCP echo listener, so a caller that
+/// waits for the echo ports to listen finds the sink listening too.
 pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
     let header = |field: &'static str, value: &str| {
         HeaderValue::from_str(value).map_err(|source| ServeError::Identity {
@@ -193,6 +216,12 @@ pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
             addr: config.http_addr,
             source,
         })?;
+    let discard = TcpListener::bind(config.discard_addr)
+        .await
+        .map_err(|source| ServeError::BindDiscard {
+            addr: config.discard_addr,
+            source,
+        })?;
     let tcp = TcpListener::bind(config.tcp_addr)
         .await
         .map_err(|source| ServeError::BindTcp {
@@ -206,8 +235,12 @@ pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
         tcp_addr: tcp
             .local_addr()
             .map_err(|e| ServeError::LocalAddr("TCP", e))?,
+        discard_addr: discard
+            .local_addr()
+            .map_err(|e| ServeError::LocalAddr("discard", e))?,
         http,
         tcp,
+        discard,
         state: Arc::new(State {
             identity: config.identity,
             pod_header,
@@ -306,16 +339,18 @@ impl Bound {
         let Self {
             http_addr,
             tcp_addr,
+            discard_addr,
             http,
             tcp,
+            discard,
             state,
             drain_timeout,
         } = self;
         let id = &state.identity;
         tracing::info!(
-            %http_addr, %tcp_addr, pod = %id.pod, namespace = %id.namespace, version = %id.version,
-            faults = ?state.faults(),
-            "ambit-echo serving HTTP on {http_addr} and TCP echo on {tcp_addr}"
+            %http_addr, %tcp_addr, %discard_addr, pod = %id.pod, namespace = %id.namespace,
+            version = %id.version, faults = ?state.faults(),
+            "ambit-echo serving HTTP on {http_addr}, TCP echo on {tcp_addr}, TCP discard on {discard_addr}"
         );
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -342,6 +377,12 @@ impl Bound {
                     }
                     Err(e) => accept_failed("TCP", e).await,
                 },
+                res = discard.accept() => match res {
+                    Ok((stream, peer)) => {
+                        conns.spawn(discard_tcp(stream, peer));
+                    }
+                    Err(e) => accept_failed("discard", e).await,
+                },
                 // Reap finished connections so the set does not grow without bound.
                 Some(res) = conns.join_next() => {
                     if let Err(e) = res {
@@ -354,6 +395,7 @@ impl Bound {
         // Closing the listeners makes new connections fail fast instead of queueing.
         drop(http);
         drop(tcp);
+        drop(discard);
         stop_tx.send_replace(true);
         tracing::info!(connections = conns.len(), ?drain_timeout, "draining");
         ambit_runtime::drain_with_deadline(drain_timeout, async {
@@ -471,6 +513,22 @@ async fn echo_tcp(mut stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// Reads until the client's EOF, dropping the bytes, then closes: the client knows
+/// everything it sent was consumed when it reads EOF.
+async fn discard_tcp(mut stream: TcpStream, peer: SocketAddr) {
+    let mut sink = tokio::io::sink();
+    match tokio::io::copy(&mut stream, &mut sink).await {
+        Ok(bytes) => tracing::debug!(%peer, bytes, "TCP discard reached EOF"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TCP discard failed");
+            return;
+        }
+    }
+    if let Err(e) = stream.shutdown().await {
+        tracing::debug!(%peer, error = %e, "closing the TCP discard connection");
+    }
+}
+
 async fn handle(
     state: Arc<State>,
     peer: SocketAddr,
@@ -558,6 +616,18 @@ async fn echo(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respon
         Ok(d) => d,
         Err(msg) => return state.error(StatusCode::BAD_REQUEST, msg, Some(DELAY_HEADER), None),
     };
+    let response_bytes =
+        match header_number(&parts.headers, RESPONSE_BYTES_HEADER, 0, MAX_RESPONSE_BYTES) {
+            Ok(n) => n,
+            Err(msg) => {
+                return state.error(
+                    StatusCode::BAD_REQUEST,
+                    msg,
+                    Some(RESPONSE_BYTES_HEADER),
+                    None,
+                );
+            }
+        };
     let status = match requested_status {
         Some(s) => s,
         None => {
@@ -576,6 +646,11 @@ async fn echo(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respon
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Some(ms) = delay.filter(|ms| *ms > 0) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(n) = response_bytes {
+        // The range check above bounds n by MAX_RESPONSE_BYTES, which fits in usize.
+        let body = Bytes::from(vec![b'x'; usize::try_from(n).unwrap_or(0)]);
+        return state.response(status, "application/octet-stream", body);
     }
 
     let mut headers = BTreeMap::<String, String>::new();

@@ -13,8 +13,10 @@ use std::{
 use ambit_echo::{
     call::{self, CallConfig, CallResponse},
     client::{HeaderArg, Protocol, RequestSpec, Target},
+    hold::{self, HoldConfig},
     load::{self, LoadConfig, LoadTarget, Stop, Summary},
     serve::{self, Faults, Identity, ServeConfig},
+    stream::{self, StreamConfig},
 };
 use ambit_test_support::eventually_async;
 use anyhow::{Context as _, bail};
@@ -36,6 +38,7 @@ const VERSION: &str = "v2";
 struct Server {
     http: SocketAddr,
     tcp: SocketAddr,
+    discard: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -54,18 +57,20 @@ impl Server {
             },
             http_addr: "127.0.0.1:0".parse().unwrap(),
             tcp_addr: "127.0.0.1:0".parse().unwrap(),
+            discard_addr: "127.0.0.1:0".parse().unwrap(),
             faults,
             drain_timeout,
         })
         .await
         .unwrap();
-        let (http, tcp) = (bound.http_addr, bound.tcp_addr);
+        let (http, tcp, discard) = (bound.http_addr, bound.tcp_addr, bound.discard_addr);
         assert_ne!(http.port(), 0);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(bound.run(stopped));
         Self {
             http,
             tcp,
+            discard,
             stop: Some(stop),
             task,
         }
@@ -143,6 +148,7 @@ async fn load_run(target: LoadTarget, n: u64, concurrency: usize) -> Summary {
         concurrency: NonZeroUsize::new(concurrency).unwrap(),
         rate: None,
         timeout: Duration::from_secs(10),
+        new_connection: false,
     })
     .await
     .unwrap()
@@ -441,6 +447,7 @@ async fn load_timeouts_are_counted() {
         concurrency: NonZeroUsize::new(2).unwrap(),
         rate: None,
         timeout: Duration::from_millis(100),
+        new_connection: false,
     })
     .await
     .unwrap();
@@ -464,6 +471,7 @@ async fn rate_bounds_requests_in_a_duration() {
         concurrency: NonZeroUsize::new(4).unwrap(),
         rate: Some(40.0),
         timeout: Duration::from_secs(5),
+        new_connection: false,
     })
     .await
     .unwrap();
@@ -518,4 +526,138 @@ async fn shutdown_drains_open_connections_and_refuses_new_ones() {
 fn closed_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bytes_header_sets_the_body_size() {
+    let server = Server::start(Faults::default()).await;
+    let body = "x".repeat(1024);
+    let resp = request(
+        &server.url("/"),
+        Protocol::Http1,
+        Method::POST,
+        &["x-echo-response-bytes: 1024"],
+        &body,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(resp.body.len(), 1024);
+    assert_eq!(resp.headers["content-type"], "application/octet-stream");
+    assert_eq!(resp.headers[ambit_echo::POD_HEADER], POD);
+
+    let resp = get(&server.url("/"), &["x-echo-response-bytes: 0"]).await;
+    assert_eq!((resp.status, resp.body.len()), (StatusCode::OK, 0));
+
+    let resp = get(&server.url("/"), &["x-echo-response-bytes: 99999999999"]).await;
+    assert_eq!(resp.status, StatusCode::BAD_REQUEST);
+    assert_eq!(json(&resp)["header"], "x-echo-response-bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_counts_what_the_sink_consumed() {
+    let server = Server::start(Faults::default()).await;
+    let config = |addr: SocketAddr, streams| StreamConfig {
+        addr: addr.to_string(),
+        streams: NonZeroUsize::new(streams).unwrap(),
+        duration: Duration::from_millis(200),
+        chunk: NonZeroUsize::new(16 * 1024).unwrap(),
+        timeout: Duration::from_secs(10),
+    };
+    let s = stream::run(config(server.discard, 3)).await.unwrap();
+    assert_eq!((s.streams, s.errors), (3, 0), "{s:?}");
+    assert!(s.per_stream_bytes.iter().all(|b| *b > 0), "{s:?}");
+    assert_eq!(s.bytes, s.per_stream_bytes.iter().sum::<u64>(), "{s:?}");
+    assert!(s.duration_s >= 0.2 && s.bits_per_second > 0.0, "{s:?}");
+
+    // An echo server sends the bytes back: not a sink, and never counted as one.
+    let s = stream::run(config(server.tcp, 1)).await.unwrap();
+    assert_eq!((s.errors, s.bytes), (1, 0), "{s:?}");
+    assert!(
+        s.error_kinds
+            .keys()
+            .any(|k| k.contains("not a discard sink")),
+        "{s:?}"
+    );
+
+    let s = stream::run(config(closed_port(), 2)).await.unwrap();
+    assert_eq!((s.errors, s.bytes), (2, 0), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connection_opens_one_connection_per_request() {
+    let server = Server::start(Faults::default()).await;
+    let run = |target: LoadTarget, new_connection| {
+        load::run(LoadConfig {
+            target,
+            stop: Stop::Requests(NonZeroU64::new(20).unwrap()),
+            concurrency: NonZeroUsize::new(2).unwrap(),
+            rate: None,
+            timeout: Duration::from_secs(10),
+            new_connection,
+        })
+    };
+    let tcp = || LoadTarget::Tcp {
+        addr: server.tcp.to_string(),
+        size: NonZeroUsize::new(1).unwrap(),
+    };
+    let s = run(tcp(), true).await.unwrap();
+    assert_eq!((s.ok, s.errors, s.connections), (20, 0, 20), "{s:?}");
+    let s = run(tcp(), false).await.unwrap();
+    assert_eq!((s.ok, s.errors, s.connections), (20, 0, 2), "{s:?}");
+    let http = LoadTarget::Http(spec(
+        &server.url("/"),
+        Protocol::Http1,
+        Method::GET,
+        &[],
+        "",
+    ));
+    let s = run(http, true).await.unwrap();
+    assert_eq!((s.ok, s.errors, s.connections), (20, 0, 20), "{s:?}");
+    assert!(!s.latency_from_schedule, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_runs_report_latency_from_the_schedule() {
+    let server = Server::start(Faults::default()).await;
+    let s = load::run(LoadConfig {
+        target: LoadTarget::Tcp {
+            addr: server.tcp.to_string(),
+            size: NonZeroUsize::new(8).unwrap(),
+        },
+        stop: Stop::Requests(NonZeroU64::new(10).unwrap()),
+        concurrency: NonZeroUsize::new(1).unwrap(),
+        rate: Some(1000.0),
+        timeout: Duration::from_secs(10),
+        new_connection: false,
+    })
+    .await
+    .unwrap();
+    assert_eq!((s.ok, s.connections), (10, 1), "{s:?}");
+    assert!(s.latency_from_schedule, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_keeps_proven_connections_open() {
+    let server = Server::start(Faults::default()).await;
+    let config = |addr: SocketAddr| HoldConfig {
+        addr: addr.to_string(),
+        connections: NonZeroUsize::new(50).unwrap(),
+        parallel: NonZeroUsize::new(8).unwrap(),
+        timeout: Duration::from_secs(10),
+    };
+    let held = hold::open(config(server.tcp)).await.unwrap();
+    assert_eq!(
+        (held.report.open, held.report.errors),
+        (50, 0),
+        "{:?}",
+        held.report
+    );
+    assert_eq!(held.len(), 50);
+    drop(held);
+
+    let failed = hold::open(config(closed_port())).await.unwrap();
+    assert_eq!((failed.report.open, failed.report.errors), (0, 50));
+    assert!(failed.is_empty());
+    let (kind, _) = failed.report.error_kinds.iter().next().unwrap();
+    assert!(kind.starts_with("connect: "), "{kind}");
 }
