@@ -29,6 +29,8 @@ pub mod balance;
 pub mod body;
 pub mod fault;
 pub mod modify;
+pub mod outlier;
+pub mod pool;
 pub mod retry;
 pub mod rng;
 pub mod router;

@@ -102,6 +102,29 @@ impl RetryStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tries(pub u32);
 
+/// Response extension set by a layer below the retries: this response is final,
+/// whatever the retry policy says (Envoy never retries a connection-pool overflow or a
+/// missing healthy upstream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DoNotRetry;
+
+/// Response extension: the response met a retry condition but no attempt was left
+/// (response flag `URX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryLimitExceeded;
+
+/// Request extension: counts this request's retries as they happen (telemetry puts
+/// one in; the count survives an overall timeout that cancels the retries).
+#[derive(Clone, Debug, Default)]
+pub struct RetryCounter(Arc<AtomicU64>);
+
+impl RetryCounter {
+    /// Retries of the request so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 impl RetryPolicy {
     /// Compile. Unknown `retry_on` values (a newer controller) are ignored: fewer
     /// retries, never more.
@@ -307,12 +330,21 @@ where
                     more,
                 )
                 .await;
-                if !more || !policy.is_retriable(attempt.outcome()) {
+                if attempt.is_final() || !policy.is_retriable(attempt.outcome()) {
                     return attempt.finish(retries + 1);
+                }
+                if !more {
+                    return attempt.finish(retries + 1).map(|mut r| {
+                        r.extensions_mut().insert(RetryLimitExceeded);
+                        r
+                    });
                 }
                 drop(attempt);
                 retries += 1;
                 layer.stats.0.fetch_add(1, Ordering::Relaxed);
+                if let Some(counter) = parts.extensions.get::<RetryCounter>() {
+                    counter.0.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::time::sleep(policy.backoff(retries, &layer.rng)).await;
             }
         })
@@ -337,11 +369,20 @@ impl Attempt {
         }
     }
 
+    /// A response a lower layer marked [`DoNotRetry`].
+    fn is_final(&self) -> bool {
+        matches!(self, Self::Response(r, _) if r.extensions().get::<DoNotRetry>().is_some())
+    }
+
     fn finish(self, tries: u32) -> Result<Response<ProxyBody>, BoxError> {
         let mut response = match self {
             Self::Response(r, _) => r,
             Self::Failed(_, e) => return Err(e),
-            Self::TimedOut => local_response(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
+            Self::TimedOut => {
+                let mut r = local_response(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY);
+                r.extensions_mut().insert(crate::timeout::TimedOut);
+                r
+            }
         };
         response.extensions_mut().insert(Tries(tries));
         Ok(response)
