@@ -25,9 +25,13 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod app;
 pub mod balance;
 pub mod body;
+pub mod context;
+pub mod detect;
 pub mod fault;
+pub mod inbound;
 pub mod modify;
 pub mod outlier;
 pub mod pool;
@@ -35,6 +39,8 @@ pub mod retry;
 pub mod rng;
 pub mod router;
 pub mod routes;
+pub mod snapshot;
 pub mod timeout;
+pub mod upstream;
 
 pub use body::{BoxError, ProxyBody};

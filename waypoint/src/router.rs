@@ -56,7 +56,12 @@ pub struct RouteHandle(Arc<RwLock<Arc<RouteTable>>>);
 impl RouteHandle {
     /// Start with `table`.
     pub fn new(table: RouteTable) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(table))))
+        Self::from_shared(Arc::new(table))
+    }
+
+    /// Start with a table shared with others (e.g. held by a config snapshot).
+    pub fn from_shared(table: Arc<RouteTable>) -> Self {
+        Self(Arc::new(RwLock::new(table)))
     }
 
     /// Replace the routes; requests already routed keep the old ones.
@@ -123,6 +128,18 @@ impl<S> Router<S> {
     /// Route onto a custom stack (it receives the route's policies as extensions).
     pub fn with_stack(routes: RouteHandle, stack: S, rng: SharedRng) -> Self {
         Self { routes, stack, rng }
+    }
+}
+
+impl<S: Clone> Router<S> {
+    /// The same stack and random source with other routes (one router per
+    /// destination service, sharing the layers below).
+    pub fn with_routes(&self, routes: RouteHandle) -> Self {
+        Self {
+            routes,
+            stack: self.stack.clone(),
+            rng: self.rng.clone(),
+        }
     }
 }
 

@@ -211,6 +211,11 @@ impl RouteTable {
         Ok(Self { routes })
     }
 
+    /// No routes: every request answers 404.
+    pub fn empty() -> Self {
+        Self { routes: Vec::new() }
+    }
+
     /// The routes, in order.
     pub fn routes(&self) -> &[Route] {
         &self.routes

@@ -1,0 +1,968 @@
+//! The waypoint end to end, in process on loopback: a real HBONE client (the source
+//! side) → the waypoint's data path → real HBONE servers standing in for the
+//! destination pods, each relaying to a local HTTP app or TCP echo. Certificates come
+//! from a test CA; the configuration is fed as controller resources.
+//!
+//! Pod and service addresses are the cluster's (10.x); a dialer maps each pod's
+//! `ip:15008` to its stand-in server on 127.0.0.1, so the waypoint dials exactly what
+//! it would dial in a cluster.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a failed unwrap is a failed test with its location"
+)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ambit_api::config::v1::{self as pb, AppProtocol, Resource, TunnelProtocol, resource::Kind};
+use ambit_hbone::{
+    CertStore, ConnectError, ConnectRequest, Dialer, HboneStream, InboundRequest, Pool, PoolConfig,
+    Refusal, Server, ServerConfig, ServerHandle, SingleIdentity,
+};
+use ambit_identity::{
+    CertificateAuthority, SpiffeId, TrustDomain, WorkloadCertificate, WorkloadKey,
+};
+use ambit_waypoint::inbound::{DataPlane, DataPlaneOptions};
+use ambit_waypoint::rng::SharedRng;
+use ambit_waypoint::router::RouterOptions;
+use ambit_waypoint::snapshot::{ObjectName, Snapshot};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const NS: &str = "shop";
+const PAYMENT_VIP: &str = "10.96.0.10";
+const REVIEWS_VIP: &str = "10.96.0.20";
+const CLIENT_IP: &str = "10.244.2.9";
+/// Ports of the payment service: (service port, target port, protocol).
+const HTTP_PORT: u16 = 80;
+const SNIFF_HTTP_PORT: u16 = 8000;
+const TCP_PORT: u16 = 9090;
+const SNIFF_TCP_PORT: u16 = 7070;
+const APP_HTTP: u16 = 8080;
+const APP_TCP: u16 = 9090;
+
+// ------------------------------------------------------------------ identities
+
+struct Ca {
+    ca: CertificateAuthority,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        Self {
+            ca: CertificateAuthority::generate(td, Duration::from_secs(3600)).unwrap(),
+        }
+    }
+
+    fn id(&self, sa: &str) -> SpiffeId {
+        SpiffeId::new(self.ca.trust_domain(), NS, sa).unwrap()
+    }
+
+    fn cert(&self, sa: &str) -> Arc<WorkloadCertificate> {
+        let id = self.id(sa);
+        let key = WorkloadKey::generate().unwrap();
+        let issued = self
+            .ca
+            .sign_csr(&key.csr_pem(&id).unwrap(), &id, Duration::from_secs(600))
+            .unwrap();
+        Arc::new(WorkloadCertificate::new(key, &issued.chain_pem, &id).unwrap())
+    }
+
+    fn store(&self, sa: &str) -> Arc<CertStore> {
+        let store = Arc::new(CertStore::new(Arc::new(self.ca.trust_bundle().clone())));
+        store.insert(self.cert(sa));
+        store
+    }
+}
+
+// ------------------------------------------------------------------ backends
+
+/// One destination pod: an HBONE server presenting `presents`' certificate, relaying
+/// `APP_HTTP` to an HTTP app and `APP_TCP` to a TCP echo.
+struct Backend {
+    name: &'static str,
+    ip: IpAddr,
+    hbone: ServerHandle,
+    /// HTTP requests the app answered.
+    calls: Arc<AtomicUsize>,
+    /// Status the app answers with.
+    status: Arc<AtomicU16>,
+    /// Delay before the app answers, in milliseconds.
+    delay_ms: Arc<AtomicUsize>,
+    /// CONNECTs the HBONE server accepted.
+    connects: Arc<Mutex<Vec<InboundRequest>>>,
+}
+
+async fn http_app(
+    name: &'static str,
+    calls: Arc<AtomicUsize>,
+    status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicUsize>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (calls, status, delay_ms) = (calls.clone(), status.clone(), delay_ms.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (calls, status, delay_ms) =
+                        (calls.clone(), status.clone(), delay_ms.clone());
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        let delay = delay_ms.load(Ordering::SeqCst) as u64;
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let body = format!(
+                            "{name} {} {} {:?}",
+                            req.method(),
+                            req.uri().path(),
+                            req.version()
+                        );
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() =
+                            StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
+                        r.headers_mut().insert("x-backend", name.parse().unwrap());
+                        if let Some(v) = req.headers().get("x-added") {
+                            r.headers_mut().insert("x-saw-added", v.clone());
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+impl Backend {
+    async fn start(ca: &Ca, name: &'static str, ip: &str, presents: &str) -> Self {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let app = http_app(name, calls.clone(), status.clone(), delay_ms.clone()).await;
+        let echo = tcp_echo().await;
+        let connects = Arc::new(Mutex::new(Vec::new()));
+        let seen = connects.clone();
+        let handler = move |req: InboundRequest| {
+            let seen = seen.clone();
+            async move {
+                let to = match req.target.port() {
+                    APP_HTTP => app,
+                    APP_TCP => echo,
+                    _ => return Err(Refusal::BadRequest),
+                };
+                seen.lock().unwrap().push(req);
+                TcpStream::connect(to)
+                    .await
+                    .map_err(|_| Refusal::UpstreamUnavailable)
+            }
+        };
+        let store = ca.store(presents);
+        let hbone = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(SingleIdentity::new(store, ca.id(presents))),
+            handler,
+            ServerConfig::default(),
+        )
+        .await
+        .unwrap()
+        .serve();
+        Self {
+            name,
+            ip: ip.parse().unwrap(),
+            hbone,
+            calls,
+            status,
+            delay_ms,
+            connects,
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// Dials each pod's `ip:15008` at its stand-in server.
+struct PodDialer(HashMap<SocketAddr, SocketAddr>);
+
+impl Dialer for PodDialer {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + '_>> {
+        let to = self.0.get(&addr).copied();
+        Box::pin(async move {
+            match to {
+                Some(to) => TcpStream::connect(to).await,
+                None => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("no pod at {addr}"),
+                )),
+            }
+        })
+    }
+}
+
+// ------------------------------------------------------------------ config
+
+fn nn(name: &str) -> pb::NamespacedName {
+    pb::NamespacedName {
+        namespace: NS.into(),
+        name: name.into(),
+    }
+}
+
+fn waypoint_ref() -> pb::WaypointRef {
+    pb::WaypointRef {
+        gateway: Some(nn("waypoint")),
+        service: Some(nn("waypoint")),
+        spiffe_id: "spiffe://cluster.local/ns/shop/sa/waypoint".into(),
+        hbone_port: 15008,
+    }
+}
+
+fn workload(name: &str, ip: &str, sa: &str, labels: &[(&str, &str)]) -> Resource {
+    Resource::new(Kind::Workload(pb::Workload {
+        uid: name.into(),
+        name: name.into(),
+        namespace: NS.into(),
+        addresses: vec![ip.into()],
+        service_account: sa.into(),
+        spiffe_id: format!("spiffe://cluster.local/ns/{NS}/sa/{sa}"),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        captured: true,
+        protocol: TunnelProtocol::Hbone as i32,
+        ..Default::default()
+    }))
+}
+
+fn port(port: u16, target: u16, protocol: AppProtocol) -> pb::ServicePort {
+    pb::ServicePort {
+        name: format!("p{port}"),
+        port: port.into(),
+        target_port: target.into(),
+        app_protocol: String::new(),
+        protocol: protocol as i32,
+    }
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    ports: Vec<pb::ServicePort>,
+    endpoints: &[&str],
+    fronted: bool,
+) -> Resource {
+    Resource::new(Kind::Service(pb::Service {
+        name: name.into(),
+        namespace: NS.into(),
+        hostname: format!("{name}.{NS}.svc.cluster.local"),
+        vips: vec![vip.into()],
+        ports,
+        endpoints: endpoints
+            .iter()
+            .map(|uid| pb::Endpoint {
+                workload_uid: (*uid).into(),
+                ports: Default::default(),
+            })
+            .collect(),
+        waypoint: fronted.then(waypoint_ref),
+        labels: Default::default(),
+    }))
+}
+
+/// The cluster: `payment` (v1, v2) fronted by the waypoint, `reviews` not.
+fn cluster() -> Vec<Resource> {
+    vec![
+        workload(
+            "payment-v1",
+            "10.244.1.2",
+            "payment",
+            &[("app", "payment"), ("version", "v1")],
+        ),
+        workload(
+            "payment-v2",
+            "10.244.1.3",
+            "payment",
+            &[("app", "payment"), ("version", "v2")],
+        ),
+        workload("reviews-1", "10.244.1.4", "reviews", &[("app", "reviews")]),
+        service(
+            "payment",
+            PAYMENT_VIP,
+            vec![
+                port(HTTP_PORT, APP_HTTP, AppProtocol::Http1),
+                port(SNIFF_HTTP_PORT, APP_HTTP, AppProtocol::Unspecified),
+                port(TCP_PORT, APP_TCP, AppProtocol::Tcp),
+                port(SNIFF_TCP_PORT, APP_TCP, AppProtocol::Unspecified),
+            ],
+            &["payment-v1", "payment-v2"],
+            true,
+        ),
+        service(
+            "reviews",
+            REVIEWS_VIP,
+            vec![port(HTTP_PORT, APP_HTTP, AppProtocol::Http1)],
+            &["reviews-1"],
+            false,
+        ),
+    ]
+}
+
+fn subsets(lb: Option<pb::SimpleLb>) -> Resource {
+    let subset = |v: &str| pb::Subset {
+        name: v.into(),
+        labels: [("version".to_owned(), v.to_owned())].into_iter().collect(),
+        traffic_policy: None,
+    };
+    Resource::new(Kind::DestinationPolicy(pb::DestinationPolicy {
+        service: Some(nn("payment")),
+        origin: "shop/payment".into(),
+        traffic_policy: lb.map(|lb| pb::TrafficPolicy {
+            load_balancer: Some(pb::LoadBalancer {
+                kind: Some(pb::load_balancer::Kind::Simple(lb as i32)),
+            }),
+            ..Default::default()
+        }),
+        subsets: vec![subset("v1"), subset("v2")],
+    }))
+}
+
+fn dest(service: &str, subset: &str, weight: u32) -> pb::RouteDestination {
+    pb::RouteDestination {
+        service: Some(nn(service)),
+        subset: subset.into(),
+        weight,
+        ..Default::default()
+    }
+}
+
+fn route(name: &str, matches: Vec<pb::RouteMatch>, forward: pb::Forward) -> pb::Route {
+    pb::Route {
+        name: name.into(),
+        matches,
+        action: Some(pb::route::Action::Forward(forward)),
+        ..Default::default()
+    }
+}
+
+fn routes(routes: Vec<pb::Route>) -> Resource {
+    Resource::new(Kind::RouteSet(pb::RouteSet {
+        service: Some(nn("payment")),
+        routes,
+    }))
+}
+
+fn forward(destinations: Vec<pb::RouteDestination>) -> pb::Forward {
+    pb::Forward {
+        destinations,
+        ..Default::default()
+    }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    ambit_api::time::duration_to_proto(d)
+}
+
+// ------------------------------------------------------------------ the setup
+
+struct Setup {
+    ca: Ca,
+    waypoint: SocketAddr,
+    config: watch::Sender<Arc<Snapshot>>,
+    plane: Arc<DataPlane>,
+    _server: ServerHandle,
+    backends: Vec<Backend>,
+    client: Pool,
+}
+
+impl Setup {
+    /// The waypoint serving `extra` on top of the cluster; backends for the three
+    /// pods, `payment-v1`'s presenting `v1_presents`' identity.
+    async fn start(extra: Vec<Resource>, v1_presents: &str) -> Self {
+        let _ = rustls::crypto::CryptoProvider::install_default(
+            ambit_identity::tls::crypto_provider().as_ref().clone(),
+        );
+        let ca = Ca::new();
+        let backends = vec![
+            Backend::start(&ca, "payment-v1", "10.244.1.2", v1_presents).await,
+            Backend::start(&ca, "payment-v2", "10.244.1.3", "payment").await,
+            Backend::start(&ca, "reviews-1", "10.244.1.4", "reviews").await,
+        ];
+        let dialer = PodDialer(
+            backends
+                .iter()
+                .map(|b| (SocketAddr::new(b.ip, 15008), b.hbone.local_addr()))
+                .collect(),
+        );
+        let snapshot = snapshot(extra, 1);
+        let (config, rx) = watch::channel(Arc::new(snapshot));
+        let options = DataPlaneOptions {
+            detect_timeout: Duration::from_millis(500),
+            router: RouterOptions {
+                rng: SharedRng::seeded(7),
+                ..RouterOptions::default()
+            },
+            ..DataPlaneOptions::default()
+        };
+        let plane = DataPlane::new(
+            ca.id("waypoint"),
+            ca.store("waypoint"),
+            rx,
+            Some(Arc::new(dialer)),
+            options,
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = plane.serve(listener).unwrap();
+        let client = Pool::new(PoolConfig::default(), ca.store("checkout"));
+        Self {
+            waypoint: server.local_addr(),
+            ca,
+            config,
+            plane,
+            _server: server,
+            backends,
+            client,
+        }
+    }
+
+    fn backend(&self, name: &str) -> &Backend {
+        self.backends.iter().find(|b| b.name == name).unwrap()
+    }
+
+    fn reconfigure(&self, extra: Vec<Resource>, generation: u64) {
+        self.config
+            .send_replace(Arc::new(snapshot(extra, generation)));
+    }
+
+    async fn tunnel(&self, target: SocketAddr) -> Result<HboneStream, ConnectError> {
+        let mut request = ConnectRequest::new(
+            self.ca.id("checkout"),
+            self.ca.id("waypoint"),
+            self.waypoint,
+            target,
+        );
+        request.forwarded_for = Some(CLIENT_IP.parse().unwrap());
+        self.client.connect(request).await
+    }
+
+    /// An HTTP/1.1 client on a tunnel to the payment VIP's `port`.
+    async fn http1(&self, port: u16) -> Http1 {
+        let stream = self.tunnel(vip(PAYMENT_VIP, port)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Http1(sender)
+    }
+}
+
+fn snapshot(extra: Vec<Resource>, generation: u64) -> Snapshot {
+    let mut resources = cluster();
+    resources.extend(extra);
+    Snapshot::build(
+        ObjectName::new(NS, "waypoint"),
+        &resources,
+        generation,
+        SharedRng::seeded(generation),
+    )
+    .unwrap()
+}
+
+fn vip(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+struct Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
+
+struct Answer {
+    status: StatusCode,
+    backend: Option<String>,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Http1 {
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> Answer {
+        self.0.ready().await.unwrap();
+        let response = self.0.send_request(request).await.unwrap();
+        answer(response).await
+    }
+
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut b = Request::get(path).header("host", "payment.shop.svc.cluster.local");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(Full::default()).unwrap()).await
+    }
+}
+
+async fn answer(response: Response<Incoming>) -> Answer {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let backend = headers
+        .get("x-backend")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        backend,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn echo_through(stream: HboneStream) -> String {
+    let (mut r, mut w) = tokio::io::split(stream);
+    w.write_all(b"hello over tcp\n").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_string(&mut out))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    out
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn routes_by_header_and_path_to_different_backends() {
+    let canary = pb::RouteMatch {
+        headers: vec![pb::HeaderMatcher {
+            name: "x-canary".into(),
+            value: Some(pb::StringMatch {
+                kind: Some(pb::string_match::Kind::Exact("true".into())),
+                ignore_case: false,
+            }),
+            invert: false,
+        }],
+        ..Default::default()
+    };
+    let reviews = pb::RouteMatch {
+        path: Some(pb::PathMatch {
+            kind: Some(pb::path_match::Kind::Prefix("/reviews".into())),
+            ignore_case: false,
+        }),
+        ..Default::default()
+    };
+    let mut to_v1 = forward(vec![dest("payment", "v1", 1)]);
+    to_v1.request_headers = Some(pb::HeaderModifier {
+        set: vec![pb::HeaderValue {
+            name: "x-added".into(),
+            value: "by-route".into(),
+        }],
+        ..Default::default()
+    });
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![
+                route(
+                    "canary",
+                    vec![canary],
+                    forward(vec![dest("payment", "v2", 1)]),
+                ),
+                route(
+                    "reviews",
+                    vec![reviews],
+                    forward(vec![dest("reviews", "", 1)]),
+                ),
+                route("rest", vec![], to_v1),
+            ]),
+        ],
+        "payment",
+    )
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    for _ in 0..5 {
+        let a = client.get("/pay", &[("x-canary", "true")]).await;
+        assert_eq!(
+            (a.status, a.backend.as_deref()),
+            (StatusCode::OK, Some("payment-v2"))
+        );
+        let a = client.get("/reviews/7", &[]).await;
+        assert_eq!(
+            (a.status, a.backend.as_deref()),
+            (StatusCode::OK, Some("reviews-1"))
+        );
+        assert!(a.body.contains("GET /reviews/7"), "{}", a.body);
+        let a = client.get("/pay", &[("x-canary", "false")]).await;
+        assert_eq!(
+            (a.status, a.backend.as_deref()),
+            (StatusCode::OK, Some("payment-v1"))
+        );
+        assert_eq!(a.headers.get("x-saw-added").unwrap(), "by-route");
+    }
+    // The destination pods saw the waypoint's identity, the endpoint's target as
+    // authority and the original client's address.
+    let connects = setup.backend("payment-v2").connects.lock().unwrap().clone();
+    let first = connects.first().expect("a CONNECT to payment-v2");
+    assert_eq!(first.peer, setup.ca.id("waypoint"));
+    assert_eq!(first.target, "10.244.1.3:8080".parse().unwrap());
+    assert_eq!(first.forwarded_for, Some(CLIENT_IP.parse().unwrap()));
+    // Requests of one client reuse one upstream connection per endpoint.
+    assert_eq!(connects.len(), 1, "{connects:?}");
+}
+
+#[tokio::test]
+async fn weighted_split_is_roughly_honoured() {
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![route(
+                "split",
+                vec![],
+                forward(vec![dest("payment", "v1", 80), dest("payment", "v2", 20)]),
+            )]),
+        ],
+        "payment",
+    )
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    let total = 400;
+    let mut v2 = 0;
+    for _ in 0..total {
+        let a = client.get("/", &[]).await;
+        assert_eq!(a.status, StatusCode::OK);
+        if a.backend.as_deref() == Some("payment-v2") {
+            v2 += 1;
+        }
+    }
+    // 20 % of 400 = 80, standard deviation 8: ±40 is five deviations.
+    assert!((40..=120).contains(&v2), "v2 got {v2} of {total}");
+    assert_eq!(
+        setup.backend("payment-v1").calls() + setup.backend("payment-v2").calls(),
+        total
+    );
+}
+
+#[tokio::test]
+async fn retry_prefers_another_endpoint_when_one_fails() {
+    let mut retrying = forward(vec![dest("payment", "", 1)]);
+    retrying.retry = Some(pb::RetryPolicy {
+        attempts: 1,
+        retry_on: vec![pb::RetryOn::RetryOn5xx as i32],
+        ..Default::default()
+    });
+    // Random balancing: without the preference for another endpoint, a retry would
+    // land on the failing one half of the time.
+    let setup = Setup::start(
+        vec![
+            subsets(Some(pb::SimpleLb::Random)),
+            routes(vec![route("retry", vec![], retrying)]),
+        ],
+        "payment",
+    )
+    .await;
+    setup
+        .backend("payment-v1")
+        .status
+        .store(503, Ordering::SeqCst);
+    let mut client = setup.http1(HTTP_PORT).await;
+    for i in 0..100 {
+        let a = client.get("/", &[]).await;
+        assert_eq!(
+            (a.status, a.backend.as_deref()),
+            (StatusCode::OK, Some("payment-v2")),
+            "request {i}"
+        );
+    }
+    let failed = setup.backend("payment-v1").calls();
+    assert!(failed > 0, "the failing endpoint was never chosen");
+    assert_eq!(setup.plane.retry_stats().retries(), failed as u64);
+}
+
+#[tokio::test]
+async fn timeout_answers_504_within_the_budget() {
+    let budget = Duration::from_millis(300);
+    let mut bounded = forward(vec![dest("payment", "", 1)]);
+    bounded.timeout = Some(duration(budget));
+    let setup = Setup::start(
+        vec![routes(vec![route("slow", vec![], bounded)])],
+        "payment",
+    )
+    .await;
+    for b in &setup.backends {
+        b.delay_ms.store(10_000, Ordering::SeqCst);
+    }
+    let mut client = setup.http1(HTTP_PORT).await;
+    let start = Instant::now();
+    let a = client.get("/", &[]).await;
+    let elapsed = start.elapsed();
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.body, "upstream request timeout");
+    assert!(elapsed >= budget, "answered after {elapsed:?}");
+    assert!(
+        elapsed < budget + Duration::from_secs(2),
+        "answered after {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn fault_abort_never_reaches_the_backend() {
+    let mut aborted = forward(vec![dest("payment", "", 1)]);
+    aborted.fault = Some(pb::FaultInjection {
+        delay: None,
+        abort: Some(pb::FaultAbort {
+            error: Some(pb::fault_abort::Error::HttpStatus(418)),
+            percent: 100.0,
+        }),
+    });
+    let setup = Setup::start(
+        vec![routes(vec![route("fault", vec![], aborted)])],
+        "payment",
+    )
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    for _ in 0..10 {
+        let a = client.get("/", &[]).await;
+        assert_eq!(a.status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(a.body, "fault filter abort");
+    }
+    for b in &setup.backends {
+        assert_eq!(b.calls(), 0, "{} was reached", b.name);
+        assert!(
+            b.connects.lock().unwrap().is_empty(),
+            "{} was dialled",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn tcp_is_passed_through_for_declared_and_detected_ports() {
+    let setup = Setup::start(Vec::new(), "payment").await;
+    let declared = setup.tunnel(vip(PAYMENT_VIP, TCP_PORT)).await.unwrap();
+    assert_eq!(echo_through(declared).await, "hello over tcp\n");
+    let detected = setup
+        .tunnel(vip(PAYMENT_VIP, SNIFF_TCP_PORT))
+        .await
+        .unwrap();
+    assert_eq!(echo_through(detected).await, "hello over tcp\n");
+    let echoed: usize = setup
+        .backends
+        .iter()
+        .map(|b| {
+            b.connects
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.target.port() == APP_TCP)
+                .count()
+        })
+        .sum();
+    assert_eq!(echoed, 2);
+}
+
+#[tokio::test]
+async fn http_is_detected_on_an_unspecified_port_in_both_versions() {
+    let setup = Setup::start(Vec::new(), "payment").await;
+    let mut h1 = setup.http1(SNIFF_HTTP_PORT).await;
+    let a = h1.get("/one", &[]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("GET /one HTTP/1.1"), "{}", a.body);
+
+    // HTTP/2 with prior knowledge; the upstream speaks what the downstream spoke.
+    let stream = setup
+        .tunnel(vip(PAYMENT_VIP, SNIFF_HTTP_PORT))
+        .await
+        .unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::post("http://payment.shop.svc.cluster.local/two")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let a = answer(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("POST /two HTTP/2.0"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_target_not_fronted_by_this_waypoint_is_refused() {
+    let setup = Setup::start(Vec::new(), "payment").await;
+    for target in [
+        vip(REVIEWS_VIP, HTTP_PORT),        // a service of another (no) waypoint
+        vip(PAYMENT_VIP, 81),               // a port the service does not have
+        "10.244.1.2:8080".parse().unwrap(), // a pod not bound to this waypoint
+        "10.1.2.3:80".parse().unwrap(),     // unknown
+    ] {
+        match setup.tunnel(target).await {
+            Err(e) => assert_eq!(e.status(), Some(StatusCode::BAD_REQUEST), "{target}: {e}"),
+            Ok(_) => panic!("{target} was accepted"),
+        }
+    }
+    for b in &setup.backends {
+        assert!(
+            b.connects.lock().unwrap().is_empty(),
+            "{} was dialled",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_with_the_wrong_identity_is_not_used() {
+    // payment-v1 is configured as `payment` but its server presents `impostor`.
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![route(
+                "v1",
+                vec![],
+                forward(vec![dest("payment", "v1", 1)]),
+            )]),
+        ],
+        "impostor",
+    )
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    let a = client.get("/", &[]).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.backend, None);
+    let v1 = setup.backend("payment-v1");
+    assert_eq!(v1.calls(), 0);
+    assert!(v1.connects.lock().unwrap().is_empty());
+    assert_eq!(v1.hbone.stats().streams, 0);
+}
+
+#[tokio::test]
+async fn new_routes_apply_to_open_connections() {
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![route(
+                "v1",
+                vec![],
+                forward(vec![dest("payment", "v1", 1)]),
+            )]),
+        ],
+        "payment",
+    )
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    assert_eq!(
+        client.get("/", &[]).await.backend.as_deref(),
+        Some("payment-v1")
+    );
+    setup.reconfigure(
+        vec![
+            subsets(None),
+            routes(vec![route(
+                "v2",
+                vec![],
+                forward(vec![dest("payment", "v2", 1)]),
+            )]),
+        ],
+        2,
+    );
+    // The same downstream connection, the new routes.
+    assert_eq!(
+        client.get("/", &[]).await.backend.as_deref(),
+        Some("payment-v2")
+    );
+    // Without a RouteSet the service gets its default route (both endpoints).
+    setup.reconfigure(Vec::new(), 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(client.get("/", &[]).await.backend.unwrap());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+fn exact(v: &str) -> pb::StringMatch {
+    pb::StringMatch {
+        kind: Some(pb::string_match::Kind::Exact(v.into())),
+        ignore_case: false,
+    }
+}
+
+#[tokio::test]
+async fn authorization_policy_allows_and_denies_per_request() {
+    let policy = Resource::new(Kind::Authorization(pb::Authorization {
+        name: "payment-get".into(),
+        namespace: NS.into(),
+        scope: Some(pb::PolicyScope {
+            kind: Some(pb::policy_scope::Kind::TargetRefs(pb::TargetRefs {
+                services: vec![nn("payment")],
+                gateways: Vec::new(),
+            })),
+        }),
+        action: pb::Action::Allow as i32,
+        rules: vec![pb::Rule {
+            clauses: vec![
+                pb::Clause {
+                    matches: vec![pb::Match {
+                        principals: vec![exact("cluster.local/ns/shop/sa/checkout")],
+                        ..Default::default()
+                    }],
+                },
+                pb::Clause {
+                    matches: vec![pb::Match {
+                        methods: vec![exact("GET")],
+                        ..Default::default()
+                    }],
+                },
+            ],
+            unenforceable_fields: Vec::new(),
+        }],
+    }));
+    let setup = Setup::start(vec![policy], "payment").await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    assert_eq!(client.get("/orders", &[]).await.status, StatusCode::OK);
+    let denied = client
+        .send(
+            Request::post("/orders")
+                .header("host", "payment")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.body, "RBAC: access denied");
+    let calls: usize = setup.backends.iter().map(Backend::calls).sum();
+    assert_eq!(calls, 1);
+}
