@@ -24,8 +24,8 @@
 //! listener and upstream this stack plugs between.
 #![forbid(unsafe_code)]
 
-pub mod authz;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod context;
@@ -40,6 +40,7 @@ pub mod rng;
 pub mod router;
 pub mod routes;
 pub mod snapshot;
+pub mod telemetry;
 pub mod timeout;
 pub mod upstream;
 
