@@ -660,6 +660,8 @@ pub async fn bind<W: ServedConfig>(config: &Config, parts: Parts<W>) -> Result<B
         .cloned()
         .collect();
     let readiness = admin::bind(config.admin.readiness_addr, ready.clone(), metrics_only).await?;
+    let mut routes = routes;
+    routes.push(ambit_runtime::logging::route());
     let admin = admin::bind(config.admin.admin_addr, ready.clone(), routes).await?;
     let _ = listeners.set(Listeners {
         grpc: grpc_addr,

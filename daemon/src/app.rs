@@ -1,23 +1,24 @@
-//! The daemon assembled: [`build`] starts capture, the config subscription, the
-//! certificate manager and binds every listener; [`Bound::wait_termination`] serves
-//! until shutdown and drains.
+//! The daemon assembled: [`build`] binds and serves the readiness, admin and metrics
+//! listeners first, then starts capture, the config subscription, the certificate
+//! manager and the enrolment server; [`Bound::wait_termination`] serves until
+//! shutdown and drains.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ambit_api::ResourceKind;
 use ambit_api::config::v1::resource::Kind;
 use ambit_control_client::discovery::{
-    ProposedState, Rejection, Subscriber, Subscription, SubscriptionConfig,
+    ConfigState, ProposedState, Rejection, Subscriber, Subscription, SubscriptionConfig,
 };
 use ambit_control_client::{CaClientConfig, CertManager, TokenSource};
 use ambit_identity::{SpiffeId, TrustDomain};
 use ambit_policy::wire::ProxyPolicies;
 use ambit_runtime::admin::{self, Route, respond};
-use ambit_runtime::readiness::Readiness;
+use ambit_runtime::readiness::{Blocker, Readiness};
 use ambit_runtime::{AdminArgs, AdminServers, DrainArgs, LogArgs};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -174,9 +175,10 @@ pub fn validate(proposed: &ProposedState) -> Result<(), Rejection> {
     }
 }
 
-/// Starts the daemon: capture, config subscription, certificates, enrolment server,
-/// admin servers. Returns once everything is bound; readiness follows as the
-/// configuration, certificates and capture come up.
+/// Starts the daemon: admin servers first (readiness lists what is awaited meanwhile),
+/// then capture, config subscription, certificates and the enrolment server. Returns
+/// once everything is bound; readiness follows as the configuration, certificates and
+/// capture come up. On error, the servers started are stopped again.
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
     // Several components build TLS configs from the process default.
     let _ = rustls::crypto::CryptoProvider::install_default(
@@ -195,7 +197,6 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             domain: config.trust_domain.clone(),
             source,
         })?;
-    let token = TokenSource::File(config.token_file.clone());
 
     let readiness = Readiness::new();
     let mut registry = prometheus_client::registry::Registry::default();
@@ -216,13 +217,94 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             ),
         }
     });
+    let blockers = Blockers {
+        config: readiness.register("config"),
+        certs: readiness.register("certificates"),
+        capture: readiness.register("capture"),
+    };
+
+    // Bind, then serve: readiness answers (listing the blockers) while capture and the
+    // rest start; `/config_dump` shows the flags until then.
+    let sources: Arc<OnceLock<DumpSources>> = Arc::default();
+    let dump = dump_route(config.clone(), Arc::clone(&sources));
     let metrics = admin::bind(config.metrics_addr, readiness.clone(), vec![metrics_route])
         .await
         .map_err(BuildError::Admin)?;
-    let config_blocker = readiness.register("config");
-    let certs_blocker = readiness.register("certificates");
-    let capture_blocker = readiness.register("capture");
+    let admin = AdminServers::start(&config.admin, &readiness, vec![dump])
+        .await
+        .map_err(BuildError::Admin)?;
+    let metrics_addr = metrics.local_addr();
+    let metrics = metrics.serve();
+    tracing::info!(%metrics_addr, "metrics listening");
 
+    let started = start(
+        &config,
+        controller,
+        trust_domain,
+        tcp_metrics,
+        blockers,
+        &sources,
+    )
+    .await;
+    match started {
+        Ok(Started {
+            enroll,
+            subscription,
+            pods,
+            tasks,
+        }) => Ok(Bound {
+            admin,
+            metrics,
+            metrics_addr,
+            enroll,
+            subscription,
+            pods,
+            tasks,
+            drain_timeout: config.drain.drain_timeout,
+        }),
+        Err(e) => {
+            admin.shutdown().await;
+            metrics.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+/// The readiness blockers the daemon clears as it comes up.
+struct Blockers {
+    config: Blocker,
+    certs: Blocker,
+    capture: Blocker,
+}
+
+/// What `/config_dump` reads, once started.
+struct DumpSources {
+    state: watch::Receiver<Arc<ConfigState>>,
+    pods: Arc<Pods>,
+    subscription: Arc<Subscription>,
+    capture: Arc<Capture>,
+    certs: CertManager,
+}
+
+/// What [`start`] brings up.
+struct Started {
+    enroll: EnrollServer,
+    subscription: Arc<Subscription>,
+    pods: Arc<Pods>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts capture, the config subscription, the certificates, the pods and the
+/// enrolment server.
+async fn start(
+    config: &Config,
+    controller: http::Uri,
+    trust_domain: TrustDomain,
+    tcp_metrics: TcpMetrics,
+    blockers: Blockers,
+    sources: &OnceLock<DumpSources>,
+) -> Result<Started, BuildError> {
+    let token = TokenSource::File(config.token_file.clone());
     let capture_config = CaptureConfig::new(&config.state_dir, &config.pods_cgroup);
     let capture = tokio::task::spawn_blocking(move || Capture::start(capture_config))
         .await
@@ -239,7 +321,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     );
     sub_config.state_file = Some(config.state_dir.join("config-state.json"));
     let (subscription, state) = Subscription::spawn(sub_config, validate);
-    subscription.unblock_when_ready(config_blocker);
+    subscription.unblock_when_ready(blockers.config);
     let subscription = Arc::new(subscription);
 
     let mut ca_config = CaClientConfig::new(controller, token);
@@ -267,7 +349,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     ));
     let resumed = pods.resume_persisted().await;
     tracing::info!(resumed, "capture started");
-    capture_blocker.unblock();
+    blockers.capture.unblock();
 
     let tasks = vec![
         tokio::spawn(snapshot_loop(state.clone(), snapshot_tx)),
@@ -276,51 +358,54 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             Arc::clone(&pods),
             certs.clone(),
             state.clone(),
-            certs_blocker,
+            blockers.certs,
         )),
     ];
-
-    let enroll = EnrollServer::bind(enroll_config, Arc::clone(&pods))
-        .await
-        .map_err(BuildError::Enroll)?;
-
-    let dump = {
-        let pods = Arc::clone(&pods);
-        let subscription = Arc::clone(&subscription);
-        let capture = Arc::clone(&capture);
-        let flags = config.clone();
-        Route::json("/config_dump", move || {
-            let state = state.borrow().clone();
-            let count = |kind| state.of_kind(kind).count();
-            serde_json::json!({
-                "config": &flags,
-                "workloads": count(ResourceKind::Workload),
-                "services": count(ResourceKind::Service),
-                "authorizations": count(ResourceKind::Authorization),
-                "peerAuthentications": count(ResourceKind::PeerAuthentication),
-                "configVersion": state.version,
-                "pods": pods.dump(),
-                "certificates": certs.snapshot(),
-                "capture": capture.status().map_err(|e| error_chain(&e)),
-                "subscription": subscription.status(),
-            })
-        })
+    let enroll = match EnrollServer::bind(enroll_config, Arc::clone(&pods)).await {
+        Ok(enroll) => enroll,
+        Err(e) => {
+            for task in &tasks {
+                task.abort();
+            }
+            return Err(BuildError::Enroll(e));
+        }
     };
-    let admin = AdminServers::start(&config.admin, &readiness, vec![dump])
-        .await
-        .map_err(BuildError::Admin)?;
-
-    let metrics_addr = metrics.local_addr();
-    tracing::info!(%metrics_addr, "metrics listening");
-    Ok(Bound {
-        admin,
-        metrics: metrics.serve(),
-        metrics_addr,
+    let _ = sources.set(DumpSources {
+        state,
+        pods: Arc::clone(&pods),
+        subscription: Arc::clone(&subscription),
+        capture,
+        certs,
+    });
+    Ok(Started {
         enroll,
         subscription,
         pods,
         tasks,
-        drain_timeout: config.drain.drain_timeout,
+    })
+}
+
+/// `/config_dump`: the flags, and once started the configuration, pods, certificates,
+/// capture and subscription.
+fn dump_route(flags: Config, sources: Arc<OnceLock<DumpSources>>) -> Route {
+    Route::json("/config_dump", move || {
+        let Some(s) = sources.get() else {
+            return serde_json::json!({ "config": &flags, "starting": true });
+        };
+        let state = s.state.borrow().clone();
+        let count = |kind| state.of_kind(kind).count();
+        serde_json::json!({
+            "config": &flags,
+            "workloads": count(ResourceKind::Workload),
+            "services": count(ResourceKind::Service),
+            "authorizations": count(ResourceKind::Authorization),
+            "peerAuthentications": count(ResourceKind::PeerAuthentication),
+            "configVersion": state.version,
+            "pods": s.pods.dump(),
+            "certificates": s.certs.snapshot(),
+            "capture": s.capture.status().map_err(|e| error_chain(&e)),
+            "subscription": s.subscription.status(),
+        })
     })
 }
 

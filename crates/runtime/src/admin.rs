@@ -5,13 +5,17 @@
 //! (`/metrics`, `/config_dump`, …) are added as [`Route`]s by the component that owns
 //! the data. The server is bound first and served afterwards ("bind, then serve"), so
 //! tests can use port 0 and read the bound address.
+//!
+//! Routes answer `GET`; a route may also take `POST` ([`Route::with_post`]) to change
+//! something (e.g. `/logging`). Such changes are accepted only from loopback peers,
+//! whatever address the server is bound to: `403` otherwise.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -20,16 +24,24 @@ use crate::readiness::Readiness;
 /// Answers a `GET` on one path.
 pub type Handler = Arc<dyn Fn() -> Response<Full<Bytes>> + Send + Sync>;
 
+/// Answers a `POST` on one path, given the request's query string (if any).
+pub type PostHandler = Arc<dyn Fn(Option<&str>) -> Response<Full<Bytes>> + Send + Sync>;
+
 /// A path served by the admin server.
 #[derive(Clone)]
 pub struct Route {
     pub path: &'static str,
     pub handler: Handler,
+    /// What a `POST` does; `None`: `GET` only.
+    pub post: Option<PostHandler>,
 }
 
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Route").field("path", &self.path).finish()
+        f.debug_struct("Route")
+            .field("path", &self.path)
+            .field("post", &self.post.is_some())
+            .finish()
     }
 }
 
@@ -41,7 +53,18 @@ impl Route {
         Self {
             path,
             handler: Arc::new(handler),
+            post: None,
         }
+    }
+
+    /// Also answers `POST` (from loopback peers only) with `handler`, which gets the
+    /// query string.
+    pub fn with_post(
+        mut self,
+        handler: impl Fn(Option<&str>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        self.post = Some(Arc::new(handler));
+        self
     }
 
     /// A route answering pretty-printed JSON built by `f` at request time.
@@ -113,6 +136,20 @@ pub enum FetchError {
 /// `GET path` on an admin server; returns the status and the whole body. Used by
 /// `ambitctl` and by tests.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), FetchError> {
+    fetch(Method::GET, addr, path).await
+}
+
+/// `POST path` (with its query string, no body) on an admin server; returns the status
+/// and the whole body.
+pub async fn post(addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), FetchError> {
+    fetch(Method::POST, addr, path).await
+}
+
+async fn fetch(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(StatusCode, Bytes), FetchError> {
     use http_body_util::{BodyExt as _, Empty};
 
     let stream = tokio::net::TcpStream::connect(addr)
@@ -127,7 +164,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), Fe
         .await
         .map_err(http_err)?;
     let conn = tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|source| FetchError::Request {
@@ -198,7 +237,7 @@ impl Bound {
         } = self;
         let task = tokio::spawn(async move {
             loop {
-                let (stream, _) = tokio::select! {
+                let (stream, peer) = tokio::select! {
                     res = listener.accept() => match res {
                         Ok(conn) => conn,
                         Err(e) => {
@@ -212,7 +251,7 @@ impl Bound {
                 let readiness = readiness.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let res = answer(&req, &routes, &readiness);
+                        let res = answer(req.method(), req.uri(), peer, &routes, &readiness);
                         async move { Ok::<_, Infallible>(res) }
                     });
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -237,18 +276,41 @@ impl Serving {
 }
 
 fn answer(
-    req: &Request<Incoming>,
+    method: &Method,
+    uri: &http::Uri,
+    peer: SocketAddr,
     routes: &[Route],
     readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
-        return respond(
+    let path = uri.path();
+    let route = routes.iter().find(|r| r.path == path);
+    if *method == Method::POST
+        && let Some(post) = route.and_then(|r| r.post.as_ref())
+    {
+        if !is_loopback(peer) {
+            return respond(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                format!("POST {path} is only accepted from loopback, not from {peer}\n"),
+            );
+        }
+        return post(uri.query());
+    }
+    if *method != Method::GET {
+        let allow = if route.is_some_and(|r| r.post.is_some()) {
+            "GET, POST"
+        } else {
+            "GET"
+        };
+        let mut res = respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET is served here\n",
+            format!("{method} is not served on {path} (allowed: {allow})\n"),
         );
+        res.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        return res;
     }
-    let path = req.uri().path();
     if path == "/healthz/ready" {
         let pending = readiness.pending();
         return if pending.is_empty() {
@@ -261,13 +323,23 @@ fn answer(
             )
         };
     }
-    match routes.iter().find(|r| r.path == path) {
+    match route {
         Some(route) => (route.handler)(),
         None => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
             format!("no such path: {path}\n"),
         ),
+    }
+}
+
+/// Whether `peer` is on this host's loopback (IPv4-mapped IPv6 included).
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -316,5 +388,68 @@ mod tests {
         let res = get(addr, "/nope").await;
         assert!(res.starts_with("HTTP/1.1 404"), "{res}");
         serving.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn post_reaches_only_routes_that_take_it() {
+        let routes = vec![
+            Route::new("/knob", || respond(StatusCode::OK, "text/plain", "get\n")).with_post(
+                |query| respond(StatusCode::OK, "text/plain", format!("post {query:?}\n")),
+            ),
+            Route::new("/view", || respond(StatusCode::OK, "text/plain", "view\n")),
+        ];
+        let bound = bind("127.0.0.1:0".parse().unwrap(), Readiness::new(), routes)
+            .await
+            .unwrap();
+        let addr = bound.local_addr();
+        let serving = bound.serve();
+
+        let (status, body) = super::post(addr, "/knob?level=debug").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"post Some(\"level=debug\")\n");
+        let (status, body) = super::get(addr, "/knob").await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"get\n"[..]));
+
+        let (status, body) = super::post(addr, "/view").await.unwrap();
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(String::from_utf8_lossy(&body).contains("allowed: GET"));
+        let (status, _) = super::post(addr, "/healthz/ready").await.unwrap();
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        serving.shutdown().await;
+    }
+
+    #[test]
+    fn post_from_a_remote_peer_is_forbidden() {
+        let routes = vec![
+            Route::new("/knob", || respond(StatusCode::OK, "text/plain", ""))
+                .with_post(|_| respond(StatusCode::OK, "text/plain", "changed\n")),
+        ];
+        let uri: http::Uri = "/knob?level=debug".parse().unwrap();
+        let readiness = Readiness::new();
+        for (peer, expected) in [
+            ("10.1.2.3:4000", StatusCode::FORBIDDEN),
+            ("[2001:db8::1]:4000", StatusCode::FORBIDDEN),
+            ("127.0.0.1:4000", StatusCode::OK),
+            ("[::1]:4000", StatusCode::OK),
+            ("[::ffff:127.0.0.1]:4000", StatusCode::OK),
+        ] {
+            let res = answer(
+                &Method::POST,
+                &uri,
+                peer.parse().unwrap(),
+                &routes,
+                &readiness,
+            );
+            assert_eq!(res.status(), expected, "{peer}");
+        }
+        // Reading stays open to every peer the server is reachable from.
+        let res = answer(
+            &Method::GET,
+            &uri,
+            "10.1.2.3:4000".parse().unwrap(),
+            &routes,
+            &readiness,
+        );
+        assert_eq!(res.status(), StatusCode::OK);
     }
 }

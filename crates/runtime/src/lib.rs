@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod logging;
 pub mod readiness;
 
 use std::time::Duration;
@@ -52,12 +53,15 @@ pub enum RuntimeError {
 }
 
 /// Installs the global tracing subscriber. Logs go to stderr so that a binary's
-/// stdout stays free for its output (the echo load client prints JSON there).
+/// stdout stays free for its output (the echo load client prints JSON there). The
+/// filter can be changed later through [`logging::LogControl::global`] (served as
+/// `/logging` by [`AdminServers`]).
 pub fn init_tracing(args: &LogArgs) -> Result<(), RuntimeError> {
     let filter = EnvFilter::try_new(&args.log_level).map_err(|source| RuntimeError::LogFilter {
         filter: args.log_level.clone(),
         source,
     })?;
+    let (filter, control) = logging::LogControl::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let res = match args.log_format {
         LogFormat::Plain => registry
@@ -73,7 +77,22 @@ pub fn init_tracing(args: &LogArgs) -> Result<(), RuntimeError> {
             )
             .try_init(),
     };
-    res.map_err(RuntimeError::Subscriber)
+    res.map_err(RuntimeError::Subscriber)?;
+    // Only the first subscriber installs: this one did, so its control is the first.
+    control.install_global();
+    Ok(())
+}
+
+/// An error with its causes, on one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 /// Which signal asked the process to stop.
@@ -123,12 +142,16 @@ pub struct AdminServers {
 
 impl AdminServers {
     /// Binds both listeners, then serves them. Readiness answers only
-    /// `/healthz/ready`; the admin listener answers it too, plus `routes`.
+    /// `/healthz/ready`; the admin listener answers it too, `/logging` (see
+    /// [`logging`]), and `routes`.
     pub async fn start(
         args: &AdminArgs,
         readiness: &readiness::Readiness,
-        routes: Vec<admin::Route>,
+        mut routes: Vec<admin::Route>,
     ) -> Result<Self, admin::AdminError> {
+        if !routes.iter().any(|r| r.path == logging::PATH) {
+            routes.push(logging::route());
+        }
         let ready = admin::bind(args.readiness_addr, readiness.clone(), Vec::new()).await?;
         let admin = admin::bind(args.admin_addr, readiness.clone(), routes).await?;
         let (readiness_addr, admin_addr) = (ready.local_addr(), admin.local_addr());
