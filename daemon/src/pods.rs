@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::capture::{Capture, PodCapture, PodHandle, PodListeners};
 use crate::enroll::{AddOutcome, EnrollError, Enroller};
-use crate::proxy::{PodProxy, ProxyShared};
+use crate::proxy::{PodProxy, ProxyShared, delivery};
 
 /// The enrolled pods of this node and what they need to serve them.
 pub struct Pods {
@@ -268,12 +268,20 @@ impl Pods {
         });
     }
 
+    /// Removes the pod's delivery routing (best effort: the pod may be going away
+    /// anyway) and ends its capture.
     async fn unenroll(&self, handle: PodHandle) -> Result<(), UnenrollError> {
         let capture = Arc::clone(&self.capture);
-        tokio::task::spawn_blocking(move || capture.unenroll(&handle))
-            .await
-            .map_err(UnenrollError::Task)?
-            .map_err(UnenrollError::Capture)
+        let mark = capture.config().delivery_mark.get();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = delivery::teardown(&handle, mark) {
+                tracing::warn!(pod = %handle.pod().name, error = %error_chain(&error), "removing the delivery routing");
+            }
+            capture.unenroll(&handle)
+        })
+        .await
+        .map_err(UnenrollError::Task)?
+        .map_err(UnenrollError::Capture)
     }
 
     /// Waits (up to the membership wait) for a ready configuration that names the pod.
