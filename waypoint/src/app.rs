@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::inbound::{DataPlane, DataPlaneOptions};
 use crate::rng::SharedRng;
-use crate::snapshot::{ObjectName, Snapshot, error_chain, validate};
+use crate::snapshot::{ObjectName, Snapshot, SnapshotShared, error_chain, validate};
 
 /// Waypoint configuration; every flag also reads an environment variable.
 #[derive(Clone, Debug, clap::Parser, serde::Serialize)]
@@ -223,9 +223,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     ca_config.cache_dir = Some(config.state_dir.join("certs"));
     let certs = CertManager::new(ca_config, trust_domain).map_err(BuildError::CertCache)?;
 
-    let rng = SharedRng::from_os();
-    let initial = snapshot_of(&gateway, &state.borrow(), &rng)
-        .unwrap_or_else(|| Snapshot::empty(gateway.clone(), rng.clone()));
+    let shared = SnapshotShared::new(SharedRng::from_os());
+    let initial = snapshot_of(&gateway, &state.borrow(), &shared)
+        .unwrap_or_else(|| Snapshot::empty(gateway.clone(), shared.clone()));
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(initial));
 
     let listener =
@@ -248,7 +248,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             gateway.clone(),
             state.clone(),
             snapshot_tx,
-            rng,
+            shared,
         )),
         tokio::spawn(start_hbone(
             certs.clone(),
@@ -407,11 +407,12 @@ async fn snapshot_loop(
     gateway: ObjectName,
     mut state: watch::Receiver<Arc<ConfigState>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    rng: SharedRng,
+    shared: SnapshotShared,
 ) {
     while state.changed().await.is_ok() {
         let current = state.borrow_and_update().clone();
-        if let Some(s) = snapshot_of(&gateway, &current, &rng) {
+        if let Some(s) = snapshot_of(&gateway, &current, &shared) {
+            s.prune_shared_state();
             tracing::info!(
                 generation = current.generation,
                 version = current.version,
@@ -422,12 +423,16 @@ async fn snapshot_loop(
     }
 }
 
-fn snapshot_of(gateway: &ObjectName, state: &ConfigState, rng: &SharedRng) -> Option<Snapshot> {
+fn snapshot_of(
+    gateway: &ObjectName,
+    state: &ConfigState,
+    shared: &SnapshotShared,
+) -> Option<Snapshot> {
     match Snapshot::build(
         gateway.clone(),
         state.resources.values().map(|r| &**r),
         state.generation,
-        rng.clone(),
+        shared,
     ) {
         Ok(s) => Some(s),
         Err(error) => {

@@ -26,8 +26,7 @@ use ambit_hbone::{
     ServerConfig, ServerHandle, SingleIdentity, TcpDialer, Upstream,
 };
 use ambit_identity::SpiffeId;
-use ambit_policy::authz::{ConnectionAttrs, PeerIdentity, RequestAttrs};
-use ambit_policy::wire::{gateway_target, service_target};
+use ambit_policy::authz::DecisionReason;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -35,20 +34,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
-use tower::ServiceExt as _;
+use tower::{Layer as _, ServiceExt as _};
 
+use crate::authz::{self, AuthzDenied, AuthzTargets, PeerInfo};
 use crate::balance::PickContext;
 use crate::body::{ProxyBody, local_response};
 use crate::context::{ClientInfo, RequestContext};
 use crate::detect::{Detected, Prefixed, detect};
+use crate::pool::{Pool, PoolLayer, PoolLimiter};
 use crate::retry::RetryStats;
 use crate::router::{RouteHandle, Router, RouterOptions, Stack, UpstreamFailed};
 use crate::routes::{RouteTable, ServicePort};
 use crate::snapshot::{Protocol, Snapshot, Target, error_chain};
 use crate::upstream::{Connector, HttpUpstream, HttpUpstreamConfig, UpstreamIo};
-
-/// Body of the `403` an authorization denial answers with (Envoy's RBAC filter).
-pub const RBAC_DENIED: &str = "RBAC: access denied";
 
 /// Tuning of the data path.
 #[derive(Clone, Debug)]
@@ -75,7 +73,8 @@ pub struct DataPlane {
     connector: Connector,
     upstream: HttpUpstream,
     /// The layers below the router; cloned with each service's routes per request.
-    router: Router<Stack<HttpUpstream>>,
+    router: Router<Stack<Pool<HttpUpstream>>>,
+    limiter: PoolLimiter,
     retry_stats: RetryStats,
     detect_timeout: Duration,
     server_config: ServerConfig,
@@ -128,9 +127,12 @@ impl DataPlane {
         );
         let upstream = HttpUpstream::new(connector.clone(), options.upstream);
         let retry_stats = options.router.retry_stats.clone();
+        let limiter = PoolLimiter::new();
+        let pooled = PoolLayer::new(limiter.clone(), Arc::new(crate::upstream::pool_cluster))
+            .layer(upstream.clone());
         let router = Router::new(
             RouteHandle::new(RouteTable::empty()),
-            upstream.clone(),
+            pooled,
             options.router,
         );
         Arc::new(Self {
@@ -140,6 +142,7 @@ impl DataPlane {
             connector,
             upstream,
             router,
+            limiter,
             retry_stats,
             detect_timeout: options.detect_timeout,
             server_config: options.server,
@@ -159,6 +162,11 @@ impl DataPlane {
     /// Retries made so far.
     pub fn retry_stats(&self) -> &RetryStats {
         &self.retry_stats
+    }
+
+    /// Connection-pool admission state per cluster.
+    pub fn pool_limiter(&self) -> &PoolLimiter {
+        &self.limiter
     }
 
     /// Upstream HTTP connections held.
@@ -203,18 +211,34 @@ impl DataPlane {
                 );
             }
         };
-        if !authorize(
-            &snapshot,
-            &client,
-            &target,
-            Some(request_attrs(&request, &client)),
-        ) {
-            tracing::debug!(peer = %client.peer, path = %request.uri().path(), "request denied by authorization policy");
-            return local_response(StatusCode::FORBIDDEN, RBAC_DENIED);
+        let peer = peer_info(&client);
+        let targets = authz_targets(&snapshot, &target);
+        let decision = authz::authorize(snapshot.policies(), &targets.0, &request, &peer);
+        if !decision.audited_by.is_empty() {
+            tracing::info!(
+                target: "authz",
+                audited_by = ?decision.audited_by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                allowed = decision.is_allowed(),
+                method = %request.method(),
+                path = %request.uri().path(),
+                principal = peer.principal().as_deref().unwrap_or("-"),
+                "audit policy matched"
+            );
+        }
+        if !decision.is_allowed() {
+            tracing::debug!(peer = %client.peer, reason = ?decision.reason, path = %request.uri().path(), "request denied by authorization policy");
+            let policy = match &decision.reason {
+                DecisionReason::DeniedBy(id) => Some(id.clone()),
+                _ => None,
+            };
+            return AuthzDenied { policy }.response();
         }
         let ctx = Arc::new(RequestContext::new(snapshot, client, target.clone()));
         let ext = request.extensions_mut();
         ext.insert(Arc::clone(&ctx));
+        ext.insert(peer);
+        ext.insert(targets);
+        ext.insert(decision);
         if let Some(port) = target.service_port() {
             ext.insert(ServicePort(port));
         }
@@ -338,7 +362,7 @@ impl Handler for Inbound {
             traceparent: request.traceparent.clone(),
         });
         let connected = if target.protocol() == Protocol::Tcp {
-            if !authorize(&snapshot, &client, &target, None) {
+            if !authorize_tcp(&snapshot, &client, &target) {
                 tracing::info!(peer = %client.peer, target = %client.target, "TCP tunnel denied by authorization policy");
                 return Err(Refusal::PolicyDenied);
             }
@@ -388,7 +412,7 @@ impl Upstream for Tunnel {
         match detected {
             Detected::Http => serve_http(plane, client, Prefixed::new(prefix, stream)).await,
             Detected::Tcp => {
-                if !authorize(&snapshot, &client, &target, None) {
+                if !authorize_tcp(&snapshot, &client, &target) {
                     tracing::info!(peer = %client.peer, target = %client.target, "TCP stream denied by authorization policy");
                     return;
                 }
@@ -431,57 +455,27 @@ async fn relay(downstream: HboneStream, prefix: Bytes, mut upstream: UpstreamIo)
     }
 }
 
-/// The authorization decision for a tunnel (`request: None`) or one request, over the
-/// `targetRefs` policies of the destination service and of this waypoint's Gateway.
-fn authorize(
-    snapshot: &Snapshot,
-    client: &ClientInfo,
-    target: &Target,
-    request: Option<RequestAttrs>,
-) -> bool {
-    let gateway = snapshot.gateway();
-    let mut targets = vec![gateway_target(&gateway.namespace, &gateway.name)];
-    if let Target::Service { entry, .. } = target {
-        targets.push(service_target(&entry.name.namespace, &entry.name.name));
+/// What authorization and telemetry know of a tunnel's caller.
+fn peer_info(client: &ClientInfo) -> PeerInfo {
+    PeerInfo {
+        identity: Some(client.peer.clone()),
+        peer_addr: client.peer_addr,
+        forwarded_for: Some(client.client_ip),
+        target: client.target,
     }
-    let conn = ConnectionAttrs {
-        source: Some(PeerIdentity::from(&client.peer)),
-        source_ip: client.client_ip,
-        destination_ip: client.target.ip(),
-        destination_port: client.target.port(),
-        request,
-    };
-    snapshot
-        .policies()
-        .authorize_targets(&targets, &conn)
-        .is_allowed()
 }
 
-fn request_attrs<B>(request: &Request<B>, client: &ClientInfo) -> RequestAttrs {
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    RequestAttrs {
-        method: request.method().as_str().to_owned(),
-        path: request
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-        host,
-        headers: request
-            .headers()
-            .iter()
-            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-        remote_ip: Some(client.client_ip),
-    }
+/// The policy targets of a tunnel: the addressed Service, if any, and our Gateway.
+fn authz_targets(snapshot: &Snapshot, target: &Target) -> AuthzTargets {
+    let service = match target {
+        Target::Service { entry, .. } => Some(entry.name.to_proto()),
+        Target::Workload { .. } => None,
+    };
+    AuthzTargets::new(service.as_ref(), &snapshot.gateway().to_proto())
+}
+
+/// The L4 decision for a tunnel relayed as TCP (HTTP attributes unknown).
+fn authorize_tcp(snapshot: &Snapshot, client: &ClientInfo, target: &Target) -> bool {
+    let targets = authz_targets(snapshot, target);
+    authz::authorize_tcp(snapshot.policies(), &targets.0, &peer_info(client)).is_allowed()
 }

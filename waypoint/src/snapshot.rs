@@ -22,7 +22,9 @@ use ambit_control_client::discovery::{ProposedState, Rejection};
 use ambit_identity::SpiffeId;
 use ambit_policy::wire::ProxyPolicies;
 
-use crate::balance::{Balancer, DestinationRules, Endpoint, UnknownSubset};
+use crate::balance::{Balancer, ClusterKey, DestinationRules, Endpoint, UnknownSubset};
+use crate::outlier::{OutlierDetector, OutlierRegistry};
+use crate::pool::PoolLimits;
 use crate::rng::SharedRng;
 use crate::routes::RouteTable;
 
@@ -58,7 +60,17 @@ pub struct Snapshot {
     workloads_by_uid: HashMap<String, Arc<pb::Workload>>,
     authorizations: Vec<Arc<pb::Authorization>>,
     policies: ProxyPolicies,
-    rng: SharedRng,
+    shared: SnapshotShared,
+}
+
+/// What outlives one snapshot: the balancers' random source, and the outlier
+/// detectors, so that ejections survive configuration updates. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SnapshotShared {
+    /// Random source of the load balancers.
+    pub rng: SharedRng,
+    /// Outlier detectors by cluster.
+    pub outliers: OutlierRegistry,
 }
 
 /// One service known to the waypoint, with its compiled routes and destination rules.
@@ -88,13 +100,20 @@ pub struct ServiceEntry {
 /// Endpoint sets by (service port, subset).
 type EndpointSets = HashMap<(u16, Option<String>), Arc<EndpointSet>>;
 
-/// The endpoints of one (service, port, subset) and the balancer over them.
+/// The endpoints of one (service, port, subset) — a cluster in Envoy's terms — with
+/// the balancer over them and the cluster's outlier detector and pool limits.
 #[derive(Debug)]
 pub struct EndpointSet {
+    /// Which cluster.
+    pub cluster: ClusterKey,
     /// Balances over the endpoints; [`Balancer::endpoints`] are `ip:targetPort`.
     pub balancer: Balancer,
     /// The workload behind each endpoint, by the balancer's index.
     pub workloads: Vec<Arc<pb::Workload>>,
+    /// Passive health checking (`outlierDetection`), if configured.
+    pub outlier: Option<Arc<OutlierDetector>>,
+    /// Connection-pool limits (`connectionPool`), if configured.
+    pub pool: Option<PoolLimits>,
 }
 
 /// Where a tunnel was addressed, once the waypoint accepted it.
@@ -179,7 +198,7 @@ impl Protocol {
 
 impl Snapshot {
     /// An empty configuration for the waypoint of `gateway` (nothing is served).
-    pub fn empty(gateway: ObjectName, rng: SharedRng) -> Self {
+    pub fn empty(gateway: ObjectName, shared: SnapshotShared) -> Self {
         Self {
             gateway,
             generation: 0,
@@ -189,20 +208,20 @@ impl Snapshot {
             workloads_by_uid: HashMap::new(),
             authorizations: Vec::new(),
             policies: ProxyPolicies::default(),
-            rng,
+            shared,
         }
     }
 
     /// Indexes `resources` for the waypoint of `gateway`. `generation` is shown in the
-    /// admin dump; `rng` drives the load balancers. Every resource that does not
-    /// convert is reported, by key.
+    /// admin dump; `shared` holds what outlives snapshots. Every resource that does
+    /// not convert is reported, by key.
     pub fn build<'a>(
         gateway: ObjectName,
         resources: impl IntoIterator<Item = &'a pb::Resource>,
         generation: u64,
-        rng: SharedRng,
+        shared: &SnapshotShared,
     ) -> Result<Self, BuildError> {
-        let mut out = Self::empty(gateway, rng);
+        let mut out = Self::empty(gateway, shared.clone());
         out.generation = generation;
         let mut errors = BTreeMap::new();
         let mut services = Vec::new();
@@ -331,6 +350,14 @@ impl Snapshot {
         Ok(out)
     }
 
+    /// Forgets the outlier state of services this snapshot no longer has.
+    pub fn prune_shared_state(&self) {
+        self.shared.outliers.retain(|k| {
+            self.services
+                .contains_key(&ObjectName::new(&k.namespace, &k.service))
+        });
+    }
+
     /// The Gateway this waypoint serves.
     pub fn gateway(&self) -> &ObjectName {
         &self.gateway
@@ -437,6 +464,21 @@ impl Snapshot {
             workloads.push(Arc::clone(w));
         }
         let chosen = entry.rules.endpoints(subset, &all)?;
+        let cluster = ClusterKey::new(
+            &entry.name.namespace,
+            &entry.name.name,
+            subset,
+            Some(service_port),
+        );
+        let outlier = self.shared.outliers.detector(
+            &cluster,
+            entry
+                .rules
+                .outlier_detection(subset, Some(service_port))?
+                .as_ref(),
+            &chosen,
+        );
+        let pool = entry.rules.connection_pool(subset, Some(service_port))?;
         let workloads = chosen
             .iter()
             .filter_map(|c| {
@@ -447,8 +489,11 @@ impl Snapshot {
             .collect();
         let policy = entry.rules.load_balancer(subset, Some(service_port))?;
         let set = Arc::new(EndpointSet {
-            balancer: Balancer::new(policy, chosen, self.rng.clone()),
+            cluster,
+            balancer: Balancer::new(policy, chosen, self.shared.rng.clone()),
             workloads,
+            outlier,
+            pool,
         });
         sets.insert(key, Arc::clone(&set));
         Ok(set)
@@ -501,6 +546,16 @@ impl Snapshot {
     }
 }
 
+impl SnapshotShared {
+    /// Fresh state with `rng` for the balancers.
+    pub fn new(rng: SharedRng) -> Self {
+        Self {
+            rng,
+            outliers: OutlierRegistry::new(),
+        }
+    }
+}
+
 impl Target {
     /// How the tunnel's bytes are treated.
     pub fn protocol(&self) -> Protocol {
@@ -532,11 +587,16 @@ pub fn hbone_identity(w: &pb::Workload) -> Option<SpiffeId> {
 /// The subscription validator: NACK any update the waypoint of `gateway` could not
 /// build a snapshot from, naming the resources at fault.
 pub fn validate(gateway: &ObjectName, proposed: &ProposedState) -> Result<(), Rejection> {
+    let shared = SnapshotShared {
+        rng: SharedRng::seeded(0),
+        // A scratch registry: validation must not touch the live detectors.
+        outliers: OutlierRegistry::new(),
+    };
     Snapshot::build(
         gateway.clone(),
         proposed.resources.values().map(|r| &**r),
         0,
-        SharedRng::seeded(0),
+        &shared,
     )
     .map(drop)
     .map_err(|e| Rejection::from_resource_errors(e.errors))

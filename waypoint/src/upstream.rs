@@ -7,7 +7,8 @@
 //!   of the same request used when another one is available (Envoy's
 //!   `previous_hosts` predicate, which Istio enables): with one of two endpoints
 //!   failing, one retry always lands on the healthy one. A tunnel addressed to a pod
-//!   goes to that pod only.
+//!   goes to that pod only. Endpoints the cluster's outlier detector ejected are
+//!   skipped, and every outcome is reported to it.
 //! - **Transport** ([`Connector`]): HBONE to `podIP:15008` with the CONNECT authority
 //!   `podIP:targetPort`, presenting the waypoint's certificate and requiring the
 //!   endpoint workload's identity, `Forwarded: for=<client>` so the destination sees
@@ -15,8 +16,9 @@
 //! - **HTTP connections** are HTTP/1.1 or HTTP/2 as the service port's protocol says
 //!   (else as the downstream spoke), kept per (endpoint, identity, client IP,
 //!   protocol): HTTP/2 connections multiplex, idle HTTP/1.1 connections are reused,
-//!   both closed after an idle timeout. A connection is per client IP because the
-//!   tunnel's `Forwarded` header names one client.
+//!   both closed after an idle timeout or after `maxRequestsPerConnection`
+//!   requests; `connectTimeout` bounds establishing one. A connection is per client
+//!   IP because the tunnel's `Forwarded` header names one client.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -42,16 +44,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::balance::{PickContext, Picked};
+use crate::balance::{ClusterKey, PickContext, Picked};
 use crate::body::{BoxError, ProxyBody, local_response};
 use crate::context::RequestContext;
-use crate::retry::{FailureKind, UpstreamError};
+use crate::pool::PoolLimits;
+use crate::retry::{DoNotRetry, FailureKind, TryOutcome, UpstreamError};
 use crate::router::Destination;
 use crate::snapshot::{EndpointSet, ObjectName, Target, hbone_identity};
-
-/// How many extra picks a retry makes to avoid endpoints earlier tries used (Istio
-/// sets Envoy's `host_selection_retry_max_attempts` to 5).
-const HOST_SELECTION_ATTEMPTS: usize = 5;
 
 /// Body of the 503 when no endpoint can take the request (Envoy's words).
 pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
@@ -94,6 +93,14 @@ pub enum ConnectFailure {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// Not connected within the cluster's `connectTimeout`.
+    #[error("connecting to {target}: no connection within {timeout:?}")]
+    Timeout {
+        /// The endpoint.
+        target: SocketAddr,
+        /// The limit.
+        timeout: Duration,
     },
     /// The HTTP handshake on the new connection failed.
     #[error("HTTP handshake with {target}")]
@@ -150,11 +157,19 @@ struct ConnKey {
 }
 
 struct KeyConns {
-    h2: Option<http2::SendRequest<ProxyBody>>,
-    h1_idle: Vec<(http1::SendRequest<ProxyBody>, Instant)>,
+    /// The HTTP/2 connection and the requests it carried.
+    h2: Option<(http2::SendRequest<ProxyBody>, u32)>,
+    h1_idle: Vec<IdleH1>,
     /// Serialises establishing the HTTP/2 connection of this key.
     h2_connecting: Arc<tokio::sync::Mutex<()>>,
     last_used: Instant,
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ProxyBody>,
+    /// Requests it carried.
+    uses: u32,
+    since: Instant,
 }
 
 /// Where a request goes, before the endpoint is picked.
@@ -329,6 +344,14 @@ impl Service<Request<ProxyBody>> for HttpUpstream {
     }
 }
 
+/// How connections to one endpoint are used (from the cluster's `connectionPool`).
+#[derive(Clone, Copy, Debug, Default)]
+struct ConnLimits {
+    connect_timeout: Option<Duration>,
+    /// Requests per connection before it is retired; `None`: unlimited.
+    max_requests: Option<u32>,
+}
+
 impl HttpInner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnKey, KeyConns>> {
         // Every critical section only moves entries in and out: nothing half-done.
@@ -346,20 +369,42 @@ impl HttpInner {
             return Ok(no_healthy_upstream());
         };
         // The pick counts as an outstanding request (least-request) until dropped.
-        let (addr, workload, h2, _picked): (_, _, _, Option<Picked<'_>>) = match &plan {
-            Plan::Pinned { addr, workload, h2 } => (*addr, Arc::clone(workload), *h2, None),
-            Plan::Balanced { set, h2 } => {
-                let pick = PickContext::from_request(&request, Some(ctx.client.client_ip));
-                let Some(picked) = pick_avoiding(set, &ctx, &pick) else {
-                    return Ok(no_healthy_upstream());
-                };
-                let workload = set.workloads.get(picked.index).cloned();
-                let Some(workload) = workload else {
-                    return Ok(no_healthy_upstream());
-                };
-                (picked.endpoint.addr, workload, *h2, Some(picked))
-            }
-        };
+        let (addr, workload, h2, limits, outlier, _picked): (_, _, _, _, _, Option<Picked<'_>>) =
+            match &plan {
+                Plan::Pinned { addr, workload, h2 } => (
+                    *addr,
+                    Arc::clone(workload),
+                    *h2,
+                    ConnLimits::default(),
+                    None,
+                    None,
+                ),
+                Plan::Balanced { set, h2 } => {
+                    let pick = PickContext::from_request(&request, Some(ctx.client.client_ip));
+                    let Some(picked) = pick_endpoint(set, &ctx, &pick) else {
+                        tracing::debug!(cluster = ?set.cluster, "every endpoint ejected or none healthy");
+                        return Ok(no_healthy_upstream());
+                    };
+                    let Some(workload) = set.workloads.get(picked.index).cloned() else {
+                        return Ok(no_healthy_upstream());
+                    };
+                    let limits = ConnLimits {
+                        connect_timeout: set.pool.as_ref().and_then(|p| p.connect_timeout),
+                        max_requests: set
+                            .pool
+                            .as_ref()
+                            .and_then(|p| p.max_requests_per_connection),
+                    };
+                    (
+                        picked.endpoint.addr,
+                        workload,
+                        *h2,
+                        limits,
+                        set.outlier.clone(),
+                        Some(picked),
+                    )
+                }
+            };
         ctx.record_attempt(addr);
         prepare_request(&mut request, h2, addr);
         let key = ConnKey {
@@ -368,12 +413,25 @@ impl HttpInner {
             client_ip: ctx.client.client_ip,
             h2,
         };
-        let response = if h2 {
-            self.send_h2(&key, &workload, request).await?
+        let sent = if h2 {
+            self.send_h2(&key, &workload, limits, request).await
         } else {
-            self.send_h1(&key, &workload, request).await?
+            self.send_h1(&key, &workload, limits, request).await
         };
-        let mut response = response.map(ProxyBody::new);
+        if let Some(detector) = &outlier {
+            let outcome = match &sent {
+                Ok(r) => TryOutcome::Response {
+                    status: r.status(),
+                    grpc: None,
+                },
+                Err(e) => TryOutcome::Failed(
+                    e.downcast_ref::<UpstreamError>()
+                        .map_or(FailureKind::Reset, |u| u.kind),
+                ),
+            };
+            detector.record(addr, outcome);
+        }
+        let mut response = sent?.map(ProxyBody::new);
         strip_hop_by_hop(response.headers_mut(), false);
         response
             .extensions_mut()
@@ -385,25 +443,29 @@ impl HttpInner {
         self: &Arc<Self>,
         key: &ConnKey,
         workload: &pb::Workload,
+        limits: ConnLimits,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<hyper::body::Incoming>, BoxError> {
         loop {
-            let (mut sender, reused) = match self.take_idle_h1(key) {
-                Some(s) => (s, true),
-                None => (self.connect_h1(key, workload).await?, false),
+            let (mut sender, uses, reused) = match self.take_idle_h1(key) {
+                Some((s, uses)) => (s, uses, true),
+                None => (self.connect_h1(key, workload, limits).await?, 0, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    // Back to the pool once the response is read and the connection
-                    // can take another request; a connection that fails meanwhile is
-                    // dropped.
-                    let this = Arc::clone(self);
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        if sender.ready().await.is_ok() {
-                            this.put_idle_h1(key, sender);
-                        }
-                    });
+                    let uses = uses + 1;
+                    if limits.max_requests.is_none_or(|max| uses < max) {
+                        // Back to the pool once the response is read and the
+                        // connection can take another request; a connection that
+                        // fails meanwhile is dropped.
+                        let this = Arc::clone(self);
+                        let key = key.clone();
+                        tokio::spawn(async move {
+                            if sender.ready().await.is_ok() {
+                                this.put_idle_h1(key, sender, uses);
+                            }
+                        });
+                    }
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -423,9 +485,10 @@ impl HttpInner {
         self: &Arc<Self>,
         key: &ConnKey,
         workload: &pb::Workload,
+        limits: ConnLimits,
         request: Request<ProxyBody>,
     ) -> Result<Response<hyper::body::Incoming>, BoxError> {
-        let mut sender = self.h2_sender(key, workload).await?;
+        let mut sender = self.h2_sender(key, workload, limits).await?;
         sender.ready().await.map_err(|e| send_error(key.addr, e))?;
         sender
             .send_request(request)
@@ -433,31 +496,36 @@ impl HttpInner {
             .map_err(|e| send_error(key.addr, e))
     }
 
-    fn take_idle_h1(&self, key: &ConnKey) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take_idle_h1(&self, key: &ConnKey) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
         let mut conns = self.lock();
         let entry = conns.get_mut(key)?;
         entry.last_used = Instant::now();
-        while let Some((sender, _)) = entry.h1_idle.pop() {
-            if sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
+        while let Some(idle) = entry.h1_idle.pop() {
+            if idle.sender.is_ready() && !idle.sender.is_closed() {
+                return Some((idle.sender, idle.uses));
             }
         }
         None
     }
 
-    fn put_idle_h1(&self, key: ConnKey, sender: http1::SendRequest<ProxyBody>) {
+    fn put_idle_h1(&self, key: ConnKey, sender: http1::SendRequest<ProxyBody>, uses: u32) {
         let now = Instant::now();
         let mut conns = self.lock();
         let entry = conns.entry(key).or_insert_with(|| KeyConns::new(now));
-        entry.h1_idle.push((sender, now));
+        entry.h1_idle.push(IdleH1 {
+            sender,
+            uses,
+            since: now,
+        });
     }
 
     async fn connect_h1(
         &self,
         key: &ConnKey,
         workload: &pb::Workload,
+        limits: ConnLimits,
     ) -> Result<http1::SendRequest<ProxyBody>, BoxError> {
-        let io = self.connect_io(key, workload).await?;
+        let io = self.connect_io(key, workload, limits).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|source| {
             connect_failure(ConnectFailure::Handshake {
                 target: key.addr,
@@ -473,10 +541,13 @@ impl HttpInner {
         Ok(sender)
     }
 
+    /// The key's HTTP/2 connection (established if need be), counting one more
+    /// request on it; a connection that reached the per-connection limit is retired.
     async fn h2_sender(
         &self,
         key: &ConnKey,
         workload: &pb::Workload,
+        limits: ConnLimits,
     ) -> Result<http2::SendRequest<ProxyBody>, BoxError> {
         let connecting = {
             let mut conns = self.lock();
@@ -484,19 +555,17 @@ impl HttpInner {
                 .entry(key.clone())
                 .or_insert_with(|| KeyConns::new(Instant::now()));
             entry.last_used = Instant::now();
-            match &entry.h2 {
-                Some(s) if !s.is_closed() => return Ok(s.clone()),
-                _ => Arc::clone(&entry.h2_connecting),
+            if let Some(s) = entry.take_h2_use(limits) {
+                return Ok(s);
             }
+            Arc::clone(&entry.h2_connecting)
         };
         let _guard = connecting.lock().await;
         // Another request may have connected meanwhile.
-        if let Some(s) = self.lock().get(key).and_then(|e| e.h2.clone())
-            && !s.is_closed()
-        {
+        if let Some(s) = self.lock().get_mut(key).and_then(|e| e.take_h2_use(limits)) {
             return Ok(s);
         }
-        let io = self.connect_io(key, workload).await?;
+        let io = self.connect_io(key, workload, limits).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.adaptive_window(true);
         let (sender, conn) = builder
@@ -518,33 +587,42 @@ impl HttpInner {
         let entry = conns
             .entry(key.clone())
             .or_insert_with(|| KeyConns::new(Instant::now()));
-        entry.h2 = Some(sender.clone());
-        Ok(sender)
+        entry.h2 = Some((sender.clone(), 0));
+        Ok(entry.take_h2_use(limits).unwrap_or(sender))
     }
 
     async fn connect_io(
         &self,
         key: &ConnKey,
         workload: &pb::Workload,
+        limits: ConnLimits,
     ) -> Result<UpstreamIo, BoxError> {
-        self.connector
-            .connect(workload, key.addr, key.client_ip)
-            .await
-            .map_err(|e| {
-                tracing::debug!(error = %crate::snapshot::error_chain(&e), "upstream connect failed");
-                connect_failure(e)
-            })
+        let connect = self.connector.connect(workload, key.addr, key.client_ip);
+        let connected =
+            match limits.connect_timeout {
+                None => connect.await,
+                Some(limit) => tokio::time::timeout(limit, connect).await.unwrap_or(Err(
+                    ConnectFailure::Timeout {
+                        target: key.addr,
+                        timeout: limit,
+                    },
+                )),
+            };
+        connected.map_err(|e| {
+            tracing::debug!(error = %crate::snapshot::error_chain(&e), "upstream connect failed");
+            connect_failure(e)
+        })
     }
 
     fn sweep(&self, idle_timeout: Duration) {
         let now = Instant::now();
         let mut conns = self.lock();
         conns.retain(|_, k| {
-            k.h1_idle.retain(|(s, since)| {
-                !s.is_closed() && now.saturating_duration_since(*since) < idle_timeout
+            k.h1_idle.retain(|idle| {
+                !idle.sender.is_closed() && now.saturating_duration_since(idle.since) < idle_timeout
             });
             let h2_idle = now.saturating_duration_since(k.last_used) >= idle_timeout;
-            if k.h2.as_ref().is_some_and(|s| s.is_closed()) || h2_idle {
+            if k.h2.as_ref().is_some_and(|(s, _)| s.is_closed()) || h2_idle {
                 k.h2 = None;
             }
             !k.h1_idle.is_empty() || k.h2.is_some() || Arc::strong_count(&k.h2_connecting) > 1
@@ -560,6 +638,22 @@ impl KeyConns {
             h2_connecting: Arc::default(),
             last_used: now,
         }
+    }
+
+    /// The open HTTP/2 connection for one more request, if it has room under the
+    /// per-connection limit (it is retired when this request is its last).
+    fn take_h2_use(&mut self, limits: ConnLimits) -> Option<http2::SendRequest<ProxyBody>> {
+        let (sender, uses) = self.h2.as_mut()?;
+        if sender.is_closed() {
+            self.h2 = None;
+            return None;
+        }
+        *uses += 1;
+        let sender = sender.clone();
+        if limits.max_requests.is_some_and(|max| *uses >= max) {
+            self.h2 = None;
+        }
+        Some(sender)
     }
 }
 
@@ -621,28 +715,49 @@ fn plan(ctx: &RequestContext, request: &Request<ProxyBody>) -> Option<Plan> {
     Some(Plan::Balanced { set, h2 })
 }
 
-/// A pick that avoids endpoints earlier tries used, when another one is available.
-fn pick_avoiding<'a>(
+/// The cluster and connection-pool limits of a routed request, for
+/// [`crate::pool::PoolLayer`] above the upstream; `None`: no limits (or nowhere to go,
+/// which the upstream answers).
+pub fn pool_cluster(request: &Request<ProxyBody>) -> Option<(ClusterKey, PoolLimits)> {
+    let ctx = request.extensions().get::<Arc<RequestContext>>()?;
+    match plan(ctx, request)? {
+        Plan::Balanced { set, .. } => set.pool.clone().map(|p| (set.cluster.clone(), p)),
+        Plan::Pinned { .. } => None,
+    }
+}
+
+/// Picks among the endpoints the outlier detector has not ejected, avoiding those
+/// earlier tries of this request used while another one is eligible (Envoy's
+/// `previous_hosts`). `None`: every endpoint is ejected (or there are none).
+fn pick_endpoint<'a>(
     set: &'a EndpointSet,
     ctx: &RequestContext,
     pick: &PickContext<'_>,
 ) -> Option<Picked<'a>> {
-    let mut picked = set.balancer.pick(pick)?;
-    let n = set.balancer.endpoints().len();
-    if n > 1 {
-        for _ in 0..HOST_SELECTION_ATTEMPTS {
-            if !ctx.attempted(picked.endpoint.addr) {
-                break;
-            }
-            picked = set.balancer.pick(pick)?;
+    let endpoints = set.balancer.endpoints();
+    let healthy = match &set.outlier {
+        Some(detector) => detector.eligible(endpoints),
+        None => vec![true; endpoints.len()],
+    };
+    let tried = ctx.attempts();
+    if !tried.is_empty() {
+        let fresh: Vec<bool> = healthy
+            .iter()
+            .zip(endpoints)
+            .map(|(ok, e)| *ok && !tried.contains(&e.addr))
+            .collect();
+        if fresh.contains(&true) {
+            return set.balancer.pick_eligible(pick, &fresh);
         }
     }
-    Some(picked)
+    set.balancer.pick_eligible(pick, &healthy)
 }
 
+/// Envoy's answer when no endpoint can take a request; final (never retried).
 fn no_healthy_upstream() -> Response<ProxyBody> {
     let mut r = local_response(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
     r.extensions_mut().insert(NoHealthyUpstream);
+    r.extensions_mut().insert(DoNotRetry);
     r
 }
 

@@ -29,10 +29,11 @@ use ambit_hbone::{
 use ambit_identity::{
     CertificateAuthority, SpiffeId, TrustDomain, WorkloadCertificate, WorkloadKey,
 };
+use ambit_test_support::eventually_async;
 use ambit_waypoint::inbound::{DataPlane, DataPlaneOptions};
 use ambit_waypoint::rng::SharedRng;
 use ambit_waypoint::router::RouterOptions;
-use ambit_waypoint::snapshot::{ObjectName, Snapshot};
+use ambit_waypoint::snapshot::{ObjectName, Snapshot, SnapshotShared};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
@@ -53,6 +54,8 @@ const TCP_PORT: u16 = 9090;
 const SNIFF_TCP_PORT: u16 = 7070;
 const APP_HTTP: u16 = 8080;
 const APP_TCP: u16 = 9090;
+/// Polling interval for conditions.
+const POLL: Duration = Duration::from_millis(10);
 
 // ------------------------------------------------------------------ identities
 
@@ -348,6 +351,15 @@ fn cluster() -> Vec<Resource> {
     ]
 }
 
+fn policy(traffic: pb::TrafficPolicy) -> Resource {
+    Resource::new(Kind::DestinationPolicy(pb::DestinationPolicy {
+        service: Some(nn("payment")),
+        origin: "shop/payment".into(),
+        traffic_policy: Some(traffic),
+        subsets: Vec::new(),
+    }))
+}
+
 fn subsets(lb: Option<pb::SimpleLb>) -> Resource {
     let subset = |v: &str| pb::Subset {
         name: v.into(),
@@ -503,7 +515,7 @@ fn snapshot(extra: Vec<Resource>, generation: u64) -> Snapshot {
         ObjectName::new(NS, "waypoint"),
         &resources,
         generation,
-        SharedRng::seeded(generation),
+        &SnapshotShared::new(SharedRng::seeded(generation)),
     )
     .unwrap()
 }
@@ -965,4 +977,83 @@ async fn authorization_policy_allows_and_denies_per_request() {
     assert_eq!(denied.body, "RBAC: access denied");
     let calls: usize = setup.backends.iter().map(Backend::calls).sum();
     assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_others_take_the_traffic() {
+    let setup = Setup::start(
+        vec![policy(pb::TrafficPolicy {
+            outlier_detection: Some(pb::OutlierDetection {
+                consecutive_5xx_errors: 2,
+                interval: Some(duration(Duration::from_secs(1))),
+                base_ejection_time: Some(duration(Duration::from_secs(60))),
+                max_ejection_percent: 50,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })],
+        "payment",
+    )
+    .await;
+    setup
+        .backend("payment-v1")
+        .status
+        .store(500, Ordering::SeqCst);
+    let mut client = setup.http1(HTTP_PORT).await;
+    // Round robin: v1 gets every second request until its second 500 ejects it.
+    let mut failures = 0;
+    for _ in 0..20 {
+        if client.get("/", &[]).await.status != StatusCode::OK {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 2, "v1 answered 500 until ejected");
+    assert_eq!(setup.backend("payment-v1").calls(), 2);
+    assert_eq!(setup.backend("payment-v2").calls(), 18);
+}
+
+#[tokio::test]
+async fn a_full_connection_pool_answers_503_without_reaching_the_backend() {
+    let setup = Setup::start(
+        vec![policy(pb::TrafficPolicy {
+            connection_pool: Some(pb::ConnectionPool {
+                max_requests: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })],
+        "payment",
+    )
+    .await;
+    for b in &setup.backends {
+        b.delay_ms.store(10_000, Ordering::SeqCst);
+    }
+    // One request occupies the only slot…
+    let mut slow = setup.http1(HTTP_PORT).await;
+    let held = tokio::spawn(async move { slow.get("/slow", &[]).await.status });
+    let busy = || setup.backends.iter().map(Backend::calls).sum::<usize>();
+    eventually_async(
+        "the first request at a backend",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            let n = busy();
+            async move {
+                if n == 1 {
+                    Ok(())
+                } else {
+                    anyhow::bail!("{n} requests")
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // …so the next one overflows at once.
+    let mut client = setup.http1(HTTP_PORT).await;
+    let a = client.get("/", &[]).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.headers.get("x-envoy-overloaded").unwrap(), "true");
+    assert_eq!(busy(), 1);
+    held.abort();
 }
