@@ -1,8 +1,9 @@
-//! `cargo xtask …`: set-up, tests, the simulated cluster and the demo.
+//! `cargo xtask …`: set-up, tests, the simulated cluster, the demo and the benchmark.
 //!
 //! Every command that needs tools installs them first (idempotently), so the README's
 //! two commands work on a fresh machine.
 
+mod bench;
 mod cluster;
 mod demo;
 mod setup;
@@ -27,6 +28,9 @@ enum Cmd {
     Cluster(cluster::ClusterArgs),
     /// Set up, bring the default topology up, show traffic on it, tear it down.
     Demo(demo::DemoArgs),
+    /// Set up, build release binaries, measure the mesh against no mesh on the
+    /// simulated cluster; report in target/bench/.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Cluster(args) => cluster::run(args),
         Cmd::Demo(args) => demo::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
     }
 }
 

@@ -1,0 +1,98 @@
+//! The benchmark's topology: two nodes, a client pod on node-1 and a server pod on
+//! node-2 (so every measured byte crosses the underlay, and in ambient mode the tunnel
+//! between the two nodes' daemons), plus idle pods for the memory-against-pods runs.
+
+use ambit_simcluster::Topology;
+use anyhow::Context as _;
+
+/// The benchmark's namespace.
+pub const NAMESPACE: &str = "bench";
+/// Service accounts of the client and the server (their SPIFFE identities).
+pub const CLIENT_SA: &str = "bench-client";
+pub const SERVER_SA: &str = "bench-server";
+/// Nodes of the client and of the server.
+pub const CLIENT_NODE: &str = "node-1";
+pub const SERVER_NODE: &str = "node-2";
+/// Ports of `ambit-echo serve`.
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 9090;
+pub const DISCARD_PORT: u16 = 9091;
+
+/// `bench/client-0`.
+pub fn client_pod() -> String {
+    format!("{NAMESPACE}/client-0")
+}
+
+/// `bench/server-0`.
+pub fn server_pod() -> String {
+    format!("{NAMESPACE}/server-0")
+}
+
+/// The topology with `pods` pods in all (at least the client and the server; the rest
+/// are idle echo servers spread over both nodes).
+pub fn with_pods(pods: usize) -> anyhow::Result<Topology> {
+    let idle = pods.saturating_sub(2);
+    let idle_workload = if idle == 0 {
+        String::new()
+    } else {
+        let nodes: Vec<&str> = (0..idle)
+            .map(|i| if i % 2 == 0 { CLIENT_NODE } else { SERVER_NODE })
+            .collect();
+        format!(
+            "      - name: idle\n        labels: {{ app: idle }}\n        nodes: [{}]\n        readyPorts: [{HTTP_PORT}, {ECHO_PORT}, {DISCARD_PORT}]\n",
+            nodes.join(", ")
+        )
+    };
+    let yaml = format!(
+        "\
+nodes:
+  - name: {CLIENT_NODE}
+  - name: {SERVER_NODE}
+namespaces:
+  - name: {NAMESPACE}
+    labels:
+      ambit.dev/dataplane-mode: ambient
+    workloads:
+      - name: client
+        serviceAccount: {CLIENT_SA}
+        labels: {{ app: client }}
+        nodes: [{CLIENT_NODE}]
+        readyPorts: [{HTTP_PORT}, {ECHO_PORT}, {DISCARD_PORT}]
+      - name: server
+        serviceAccount: {SERVER_SA}
+        labels: {{ app: server }}
+        nodes: [{SERVER_NODE}]
+        readyPorts: [{HTTP_PORT}, {ECHO_PORT}, {DISCARD_PORT}]
+{idle_workload}    services:
+      - name: server
+        selector: {{ app: server }}
+        ports:
+          - {{ name: http, port: 80, targetPort: {HTTP_PORT} }}
+          - {{ name: tcp-echo, port: {ECHO_PORT} }}
+          - {{ name: tcp-discard, port: {DISCARD_PORT} }}
+"
+    );
+    Topology::from_yaml(&yaml).with_context(|| format!("the benchmark topology:\n{yaml}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topologies_have_the_asked_pod_count_across_both_nodes() {
+        for pods in [2, 3, 4, 64] {
+            let t = with_pods(pods).unwrap().resolve().unwrap();
+            assert_eq!(t.pods.len(), pods);
+            let on = |node: &str| t.pods.iter().filter(|p| p.node == node).count();
+            assert!(on(CLIENT_NODE) >= 1 && on(SERVER_NODE) >= 1);
+            assert!(on(CLIENT_NODE).abs_diff(on(SERVER_NODE)) <= 1, "{pods}");
+            let client = t.pods.iter().find(|p| p.name == "client-0").unwrap();
+            let server = t.pods.iter().find(|p| p.name == "server-0").unwrap();
+            assert_eq!(
+                (client.node.as_str(), server.node.as_str()),
+                (CLIENT_NODE, SERVER_NODE)
+            );
+        }
+    }
+}
