@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use ambit_simcluster::{Cluster, MeshOptions, Options, Place, Topology};
+use common::mesh_shop;
 
 /// `ambit-echo call URL` from inside `from`; the JSON answer.
 fn call(cluster: &Cluster, from: &str, url: &str) -> serde_json::Value {
@@ -130,19 +133,6 @@ fn call_ok(cluster: &Cluster, from: &str, url: &str) -> bool {
         .unwrap()
         .status
         .success()
-}
-
-/// The default shop with the real controller, one real daemon per node and pods
-/// enrolled through the real `ambit-cni`.
-fn mesh_shop() -> Cluster {
-    for bin in ["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"] {
-        if let Err(e) = ambit_test_support::bin_path(bin) {
-            panic!("{e:#}");
-        }
-    }
-    let opts =
-        Options::for_test(ambit_test_support::bin_dir().unwrap()).mesh(MeshOptions::with_daemons());
-    Cluster::up(opts, &Topology::default_shop()).unwrap()
 }
 
 /// Polls `f` until it holds, for up to 5 s.
