@@ -10,11 +10,12 @@
 //! What the layer cannot see for itself comes as extensions:
 //! - request: [`TelemetryContext`] — the source workload and the addressed Service,
 //!   resolved by the serving path (without it every source label is `unknown`);
-//! - response: [`UpstreamInfo`] — the endpoint that answered and its workload, set by
-//!   the upstream; [`Flag`] — any response flag a lower layer wants reported (e.g.
-//!   `UH` when no endpoint was available); and the markers the stack already sets
-//!   ([`NoRoute`], [`UpstreamFailed`], [`TimedOut`], [`RetryLimitExceeded`],
-//!   [`FaultAborted`], [`FaultDelayed`], [`Overflow`], [`AuthzDenied`]).
+//! - response: [`UpstreamHost`] (or [`UpstreamInfo`], which can also name the routed
+//!   Service) — the endpoint that answered and its workload, set by the upstream;
+//!   [`Flag`] — any response flag a lower layer wants reported; and the markers the
+//!   stack already sets ([`NoHealthyUpstream`], [`NoRoute`], [`UpstreamFailed`],
+//!   [`TimedOut`], [`RetryLimitExceeded`], [`FaultAborted`], [`FaultDelayed`],
+//!   [`Overflow`], [`AuthzDenied`]).
 //!
 //! Metrics (Istio's names and labels, `reporter="waypoint"`):
 //! `istio_requests_total`, `istio_request_duration_milliseconds`,
@@ -67,6 +68,7 @@ use crate::{
     retry::{RetryCounter, RetryLimitExceeded},
     router::{NoRoute, RouteName, UpstreamFailed},
     timeout::TimedOut,
+    upstream::{NoHealthyUpstream, UpstreamHost},
 };
 
 /// Bucket bounds of every histogram: Envoy's defaults, as Istio exports them
@@ -397,6 +399,10 @@ pub fn response_flags(ext: &http::Extensions) -> Vec<ResponseFlag> {
         }
     };
     add(
+        ext.get::<NoHealthyUpstream>().is_some(),
+        ResponseFlag::NoHealthyUpstream,
+    );
+    add(
         ext.get::<TimedOut>().is_some(),
         ResponseFlag::UpstreamRequestTimeout,
     );
@@ -427,6 +433,17 @@ pub fn response_flags(ext: &http::Extensions) -> Vec<ResponseFlag> {
     flags.sort_unstable();
     flags.dedup();
     flags
+}
+
+/// Where the request went: [`UpstreamInfo`], else the upstream's [`UpstreamHost`].
+fn upstream_info(ext: &http::Extensions) -> Option<UpstreamInfo> {
+    ext.get::<UpstreamInfo>().cloned().or_else(|| {
+        ext.get::<UpstreamHost>().map(|h| UpstreamInfo {
+            addr: h.addr,
+            workload: WorkloadLabels::from_workload(&h.workload),
+            service: None,
+        })
+    })
 }
 
 /// Flags as Envoy prints them: comma-separated short codes, `-` for none.
@@ -924,7 +941,7 @@ where
                     flags: response_flags(ext),
                     details: ext.get::<AuthzDenied>().map(AuthzDenied::details),
                     route: ext.get::<RouteName>().map(|r| r.0.to_string()),
-                    upstream: ext.get::<UpstreamInfo>().cloned(),
+                    upstream: upstream_info(ext),
                     grpc_status: header_text(response.headers(), "grpc-status"),
                 };
                 Ok(response.map(|body| {
@@ -1337,15 +1354,13 @@ mod tests {
         );
     }
 
+    type MakeResponse = Box<dyn Fn() -> Response<ProxyBody> + Send + Sync>;
+
     /// Responses the stack produces, and the flags they must show.
     #[tokio::test]
     async fn response_flags_from_the_stack_markers() {
         let f = Fixture::new();
-        let cases: Vec<(
-            Box<dyn Fn() -> Response<ProxyBody> + Send + Sync>,
-            u16,
-            &str,
-        )> = vec![
+        let cases: Vec<(MakeResponse, u16, &str)> = vec![
             (
                 Box::new(|| {
                     let mut r = local_response(StatusCode::NOT_FOUND, Bytes::new());
@@ -1358,9 +1373,18 @@ mod tests {
             (Box::new(|| Overflow::Requests.response()), 503, "UO"),
             (
                 Box::new(|| {
-                    let mut r = local_response(StatusCode::SERVICE_UNAVAILABLE, "x");
+                    let mut r = local_response(StatusCode::INTERNAL_SERVER_ERROR, "x");
                     r.extensions_mut()
-                        .insert(Flag(ResponseFlag::NoHealthyUpstream));
+                        .insert(Flag(ResponseFlag::UpstreamConnectionFailure));
+                    r
+                }),
+                500,
+                "UF",
+            ),
+            (
+                Box::new(|| {
+                    let mut r = local_response(StatusCode::SERVICE_UNAVAILABLE, "x");
+                    r.extensions_mut().insert(NoHealthyUpstream);
                     r
                 }),
                 503,
@@ -1489,6 +1513,33 @@ mod tests {
             2.0
         );
         assert_eq!(f.logs()[0].retries, 2);
+    }
+
+    #[tokio::test]
+    async fn the_upstreams_host_extension_names_the_destination() {
+        let f = Fixture::new();
+        let svc = f.layer.layer(service_fn(|_r: Request<ProxyBody>| async {
+            let mut r = Response::new(ProxyBody::default());
+            r.extensions_mut().insert(UpstreamHost {
+                addr: "10.244.2.9:8080".parse().unwrap(),
+                workload: Arc::new(workload("payment-v1", "production", "payment", "v1")),
+            });
+            Ok::<_, Infallible>(r)
+        }));
+        drain(svc.oneshot(request("")).await.unwrap()).await;
+        assert_eq!(
+            f.value(
+                "istio_requests_total",
+                &[
+                    "destination_workload=\"payment-v1\"",
+                    "destination_version=\"v1\"",
+                    "destination_canonical_revision=\"v1\"",
+                ]
+            ),
+            1.0
+        );
+        let log = f.logs().pop().unwrap();
+        assert_eq!(log.upstream_host, Some("10.244.2.9:8080".parse().unwrap()));
     }
 
     #[tokio::test]
