@@ -444,13 +444,21 @@ impl Balancer {
 
     fn pick_from(&self, ctx: &PickContext<'_>, eligible: Option<&[bool]>) -> Option<Picked<'_>> {
         let n = self.endpoints.len();
+        // A mask that excludes nothing is no mask: the common case stays O(1).
+        let eligible = eligible.filter(|m| m.iter().take(n).any(|ok| !ok));
         let ok = |i: usize| eligible.is_none_or(|m| m.get(i).copied().unwrap_or(true));
-        let count = (0..n).filter(|&i| ok(i)).count();
+        let count = match eligible {
+            None => n,
+            Some(_) => (0..n).filter(|&i| ok(i)).count(),
+        };
         if count == 0 {
             return None;
         }
         // The `k`-th eligible endpoint (`k < count`).
-        let nth = |k: usize| (0..n).filter(|&i| ok(i)).nth(k).unwrap_or(0);
+        let nth = |k: usize| match eligible {
+            None => k,
+            Some(_) => (0..n).filter(|&i| ok(i)).nth(k).unwrap_or(0),
+        };
         let index = match &self.policy {
             LbPolicy::RoundRobin => nth(self.round_robin(count)),
             LbPolicy::Random => nth(self.random(count)),
