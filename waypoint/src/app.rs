@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::inbound::{DataPlane, DataPlaneOptions};
 use crate::rng::SharedRng;
 use crate::snapshot::{ObjectName, Snapshot, SnapshotShared, error_chain, validate};
+use crate::telemetry::{RequestMetrics, TelemetryLayer};
 
 /// Waypoint configuration; every flag also reads an environment variable.
 #[derive(Clone, Debug, clap::Parser, serde::Serialize)]
@@ -179,7 +180,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let token = TokenSource::File(config.token_file.clone());
 
     let readiness = Readiness::new();
-    let registry = Arc::new(prometheus_client::registry::Registry::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let request_metrics = RequestMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     let metrics_route = {
         let registry = Arc::clone(&registry);
         Route::new("/metrics", move || {
@@ -241,6 +244,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let hbone: Arc<Mutex<Option<ServerHandle>>> = Arc::default();
     let options = DataPlaneOptions {
         detect_timeout: config.protocol_detect_timeout,
+        telemetry: TelemetryLayer::new(request_metrics),
         ..DataPlaneOptions::default()
     };
     let tasks = vec![

@@ -6,8 +6,9 @@
 //!   └─ Inbound::handle: target must be a VIP:port of a service this waypoint fronts,
 //!      or a pod bound to it; anything else 400 (fail closed)
 //!       └─ Tunnel::serve: by the port's protocol, or detected on the first bytes
-//!           ├─ HTTP/1.1, HTTP/2, gRPC: hyper server; per request
-//!           │    context → authorization → Router → Fault → Timeout → Retry → HttpUpstream
+//!           ├─ HTTP/1.1, HTTP/2, gRPC: hyper server; per request the context, then
+//!           │    Telemetry → authorization → Router → Fault → Timeout → Retry
+//!           │      → Pool (connectionPool limits) → HttpUpstream (outlier detection)
 //!           └─ TCP: L4 authorization, an endpoint over HBONE, bytes copied both ways
 //! ```
 //!
@@ -18,7 +19,9 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ambit_hbone::{
@@ -46,6 +49,10 @@ use crate::retry::RetryStats;
 use crate::router::{RouteHandle, Router, RouterOptions, Stack, UpstreamFailed};
 use crate::routes::{RouteTable, ServicePort};
 use crate::snapshot::{Protocol, Snapshot, Target, error_chain};
+use crate::telemetry::{
+    RequestMetrics, ServiceLabels, TelemetryContext, TelemetryLayer, WorkloadLabels,
+    principal_label,
+};
 use crate::upstream::{Connector, HttpUpstream, HttpUpstreamConfig, UpstreamIo};
 
 /// Tuning of the data path.
@@ -62,6 +69,9 @@ pub struct DataPlaneOptions {
     pub pool: PoolConfig,
     /// The HBONE server.
     pub server: ServerConfig,
+    /// Request metrics and access log (register its metrics in the process
+    /// registry; the default records into a registry nobody reads).
+    pub telemetry: TelemetryLayer,
 }
 
 /// What the data path shares: identity, configuration, upstream connections and the
@@ -78,7 +88,12 @@ pub struct DataPlane {
     retry_stats: RetryStats,
     detect_timeout: Duration,
     server_config: ServerConfig,
+    telemetry: TelemetryLayer,
 }
+
+/// The stack below telemetry, as a `tower::Service`.
+#[derive(Clone, Debug)]
+struct Routing(Arc<DataPlane>);
 
 /// The HBONE handler: decides each CONNECT.
 #[derive(Clone, Debug)]
@@ -103,6 +118,9 @@ impl Default for DataPlaneOptions {
             upstream: HttpUpstreamConfig::default(),
             pool: PoolConfig::default(),
             server: ServerConfig::default(),
+            telemetry: TelemetryLayer::new(RequestMetrics::register(
+                &mut prometheus_client::registry::Registry::default(),
+            )),
         }
     }
 }
@@ -146,6 +164,7 @@ impl DataPlane {
             retry_stats,
             detect_timeout: options.detect_timeout,
             server_config: options.server,
+            telemetry: options.telemetry,
         })
     }
 
@@ -194,10 +213,11 @@ impl DataPlane {
         Ok(server.serve())
     }
 
-    /// One HTTP request of a tunnel, through authorization and the routing stack.
+    /// One HTTP request of a tunnel: its context attached, then telemetry around
+    /// authorization and the routing stack ([`Routing`]).
     async fn handle_request(
-        &self,
-        mut request: Request<Incoming>,
+        self: &Arc<Self>,
+        request: Request<Incoming>,
         client: Arc<ClientInfo>,
     ) -> Response<ProxyBody> {
         let snapshot = self.snapshot();
@@ -211,9 +231,36 @@ impl DataPlane {
                 );
             }
         };
-        let peer = peer_info(&client);
-        let targets = authz_targets(&snapshot, &target);
-        let decision = authz::authorize(snapshot.policies(), &targets.0, &request, &peer);
+        let mut request = request.map(ProxyBody::new);
+        let ext = request.extensions_mut();
+        ext.insert(telemetry_context(&snapshot, &client, &target));
+        ext.insert(peer_info(&client));
+        ext.insert(authz_targets(&snapshot, &target));
+        if let Some(port) = target.service_port() {
+            ext.insert(ServicePort(port));
+        }
+        ext.insert(Arc::new(RequestContext::new(snapshot, client, target)));
+        let service = self.telemetry.layer(Routing(Arc::clone(self)));
+        match service.oneshot(request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Below telemetry: authorization, then the service's routes (or, for a pod
+    /// address, that pod).
+    async fn authorize_and_route(&self, mut request: Request<ProxyBody>) -> Response<ProxyBody> {
+        let ext = request.extensions();
+        let (Some(ctx), Some(peer), Some(targets)) = (
+            ext.get::<Arc<RequestContext>>().cloned(),
+            ext.get::<PeerInfo>(),
+            ext.get::<AuthzTargets>(),
+        ) else {
+            // Only `handle_request` builds requests for this: a bug, and no access.
+            tracing::error!("request without its context: denied");
+            return AuthzDenied { policy: None }.response();
+        };
+        let decision = authz::authorize(ctx.snapshot.policies(), &targets.0, &request, peer);
         if !decision.audited_by.is_empty() {
             tracing::info!(
                 target: "authz",
@@ -226,23 +273,15 @@ impl DataPlane {
             );
         }
         if !decision.is_allowed() {
-            tracing::debug!(peer = %client.peer, reason = ?decision.reason, path = %request.uri().path(), "request denied by authorization policy");
+            tracing::debug!(peer = %ctx.client.peer, reason = ?decision.reason, path = %request.uri().path(), "request denied by authorization policy");
             let policy = match &decision.reason {
                 DecisionReason::DeniedBy(id) => Some(id.clone()),
                 _ => None,
             };
             return AuthzDenied { policy }.response();
         }
-        let ctx = Arc::new(RequestContext::new(snapshot, client, target.clone()));
-        let ext = request.extensions_mut();
-        ext.insert(Arc::clone(&ctx));
-        ext.insert(peer);
-        ext.insert(targets);
-        ext.insert(decision);
-        if let Some(port) = target.service_port() {
-            ext.insert(ServicePort(port));
-        }
-        match &target {
+        request.extensions_mut().insert(decision);
+        match &ctx.target {
             Target::Service { entry, .. } => {
                 let router = self
                     .router
@@ -253,25 +292,18 @@ impl DataPlane {
                 }
             }
             // Addressed to one pod: no routes apply, the request goes to that pod.
-            Target::Workload { .. } => {
-                match self
-                    .upstream
-                    .clone()
-                    .oneshot(request.map(ProxyBody::new))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(error) => {
-                        tracing::debug!(error = %error, "upstream failed");
-                        let mut r = local_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
-                        );
-                        r.extensions_mut().insert(UpstreamFailed);
-                        r
-                    }
+            Target::Workload { .. } => match self.upstream.clone().oneshot(request).await {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::debug!(error = %error, "upstream failed");
+                    let mut r = local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                    );
+                    r.extensions_mut().insert(UpstreamFailed);
+                    r
                 }
-            }
+            },
         }
     }
 
@@ -341,6 +373,21 @@ impl fmt::Debug for DataPlane {
             .field("identity", &self.identity)
             .field("generation", &self.snapshot.borrow().generation())
             .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<Request<ProxyBody>> for Routing {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let plane = Arc::clone(&self.0);
+        Box::pin(async move { Ok(plane.authorize_and_route(request).await) })
     }
 }
 
@@ -452,6 +499,32 @@ async fn relay(downstream: HboneStream, prefix: Bytes, mut upstream: UpstreamIo)
             tracing::debug!(to_upstream, to_downstream, "TCP tunnel closed");
         }
         Err(error) => tracing::debug!(%error, "TCP tunnel failed"),
+    }
+}
+
+/// The source and addressed service as the request metrics label them. The source
+/// workload is known when the configuration describes the client's pod; its
+/// principal and namespace always come from the verified identity.
+fn telemetry_context(
+    snapshot: &Snapshot,
+    client: &ClientInfo,
+    target: &Target,
+) -> TelemetryContext {
+    let mut source = match snapshot.workload_by_ip(client.client_ip) {
+        Some(w) if w.spiffe_id == client.peer.as_str() => WorkloadLabels::from_workload(w),
+        _ => WorkloadLabels::unknown(),
+    };
+    source.principal = principal_label(Some(client.peer.as_str()));
+    source.namespace = client.peer.namespace().to_owned();
+    let service = match target {
+        Target::Service { entry, .. } => ServiceLabels::from_service(&entry.service),
+        Target::Workload { .. } => ServiceLabels::unknown(),
+    };
+    TelemetryContext {
+        source,
+        service,
+        mtls: true,
+        tunnel_traceparent: client.traceparent.clone(),
     }
 }
 

@@ -51,6 +51,7 @@ use crate::pool::PoolLimits;
 use crate::retry::{DoNotRetry, FailureKind, TryOutcome, UpstreamError};
 use crate::router::Destination;
 use crate::snapshot::{EndpointSet, ObjectName, Target, hbone_identity};
+use crate::telemetry::{ServiceLabels, UpstreamInfo, WorkloadLabels};
 
 /// Body of the 503 when no endpoint can take the request (Envoy's words).
 pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
@@ -175,7 +176,11 @@ struct IdleH1 {
 /// Where a request goes, before the endpoint is picked.
 enum Plan {
     /// One of a service's endpoints.
-    Balanced { set: Arc<EndpointSet>, h2: bool },
+    Balanced {
+        service: Arc<pb::Service>,
+        set: Arc<EndpointSet>,
+        h2: bool,
+    },
     /// The pod the tunnel was addressed to.
     Pinned {
         addr: SocketAddr,
@@ -368,6 +373,10 @@ impl HttpInner {
         let Some(plan) = plan(&ctx, &request) else {
             return Ok(no_healthy_upstream());
         };
+        let routed = match &plan {
+            Plan::Balanced { service, .. } => Some(ServiceLabels::from_service(service)),
+            Plan::Pinned { .. } => None,
+        };
         // The pick counts as an outstanding request (least-request) until dropped.
         let (addr, workload, h2, limits, outlier, _picked): (_, _, _, _, _, Option<Picked<'_>>) =
             match &plan {
@@ -379,7 +388,7 @@ impl HttpInner {
                     None,
                     None,
                 ),
-                Plan::Balanced { set, h2 } => {
+                Plan::Balanced { set, h2, .. } => {
                     let pick = PickContext::from_request(&request, Some(ctx.client.client_ip));
                     let Some(picked) = pick_endpoint(set, &ctx, &pick) else {
                         tracing::debug!(cluster = ?set.cluster, "every endpoint ejected or none healthy");
@@ -433,9 +442,13 @@ impl HttpInner {
         }
         let mut response = sent?.map(ProxyBody::new);
         strip_hop_by_hop(response.headers_mut(), false);
-        response
-            .extensions_mut()
-            .insert(UpstreamHost { addr, workload });
+        let ext = response.extensions_mut();
+        ext.insert(UpstreamInfo {
+            addr,
+            workload: WorkloadLabels::from_workload(&workload),
+            service: routed,
+        });
+        ext.insert(UpstreamHost { addr, workload });
         Ok(response)
     }
 
@@ -712,7 +725,11 @@ fn plan(ctx: &RequestContext, request: &Request<ProxyBody>) -> Option<Plan> {
         Ok(AppProtocol::Http1) => false,
         _ => downstream_h2,
     };
-    Some(Plan::Balanced { set, h2 })
+    Some(Plan::Balanced {
+        service: Arc::clone(&entry.service),
+        set,
+        h2,
+    })
 }
 
 /// The cluster and connection-pool limits of a routed request, for

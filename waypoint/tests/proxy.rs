@@ -34,11 +34,13 @@ use ambit_waypoint::inbound::{DataPlane, DataPlaneOptions};
 use ambit_waypoint::rng::SharedRng;
 use ambit_waypoint::router::RouterOptions;
 use ambit_waypoint::snapshot::{ObjectName, Snapshot, SnapshotShared};
+use ambit_waypoint::telemetry::{AccessLog, RequestMetrics, TelemetryLayer};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -425,6 +427,8 @@ struct Setup {
     _server: ServerHandle,
     backends: Vec<Backend>,
     client: Pool,
+    registry: Registry,
+    logs: Arc<Mutex<Vec<AccessLog>>>,
 }
 
 impl Setup {
@@ -448,7 +452,14 @@ impl Setup {
         );
         let snapshot = snapshot(extra, 1);
         let (config, rx) = watch::channel(Arc::new(snapshot));
+        let mut registry = Registry::default();
+        let logs: Arc<Mutex<Vec<AccessLog>>> = Arc::default();
+        let sink = logs.clone();
+        let telemetry = TelemetryLayer::new(RequestMetrics::register(&mut registry)).with_sink(
+            Arc::new(move |log: &AccessLog| sink.lock().unwrap().push(log.clone())),
+        );
         let options = DataPlaneOptions {
+            telemetry,
             detect_timeout: Duration::from_millis(500),
             router: RouterOptions {
                 rng: SharedRng::seeded(7),
@@ -474,7 +485,30 @@ impl Setup {
             _server: server,
             backends,
             client,
+            registry,
+            logs,
         }
+    }
+
+    /// The access log once it has `n` lines (a request is logged when its response
+    /// body has been sent, which may be just after the client read it).
+    async fn logs_eventually(&self, n: usize) -> Vec<AccessLog> {
+        eventually_async("access-log lines", Duration::from_secs(10), POLL, || {
+            let logs = self.logs.lock().unwrap().clone();
+            async move {
+                anyhow::ensure!(logs.len() == n, "{} lines, want {n}", logs.len());
+                Ok(logs)
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The metrics, as `/metrics` shows them.
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
     }
 
     fn backend(&self, name: &str) -> &Backend {
@@ -655,6 +689,51 @@ async fn routes_by_header_and_path_to_different_backends() {
     assert_eq!(first.forwarded_for, Some(CLIENT_IP.parse().unwrap()));
     // Requests of one client reuse one upstream connection per endpoint.
     assert_eq!(connects.len(), 1, "{connects:?}");
+    // One access-log line per request, naming both ends and the routed service.
+    let logs = setup.logs_eventually(15).await;
+    for log in &logs {
+        assert_eq!(log.response_flags, "-", "{log:?}");
+        assert_eq!(log.source_principal, "cluster.local/ns/shop/sa/checkout");
+        assert_eq!(log.source_namespace, "shop");
+        assert_eq!(log.response_code, 200);
+        assert_eq!(
+            log.destination_principal,
+            "cluster.local/ns/shop/sa/{}".replace(
+                "{}",
+                if log.path.starts_with("/reviews") {
+                    "reviews"
+                } else {
+                    "payment"
+                }
+            )
+        );
+    }
+    let reviews = logs.iter().find(|l| l.path == "/reviews/7").unwrap();
+    assert_eq!(
+        reviews.destination_service,
+        "reviews.shop.svc.cluster.local"
+    );
+    assert_eq!(reviews.destination_workload, "reviews-1");
+    assert_eq!(reviews.route_name.as_deref(), Some("reviews"));
+    let metrics = setup.metrics();
+    let canary = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(r#"destination_workload="payment-v2""#)
+        })
+        .unwrap_or_else(|| panic!("no istio_requests_total for payment-v2 in\n{metrics}"));
+    assert!(canary.contains(r#"reporter="waypoint""#), "{canary}");
+    assert!(
+        canary.contains(r#"source_principal="cluster.local/ns/shop/sa/checkout""#),
+        "{canary}"
+    );
+    assert!(
+        canary.contains(r#"destination_service="payment.shop.svc.cluster.local""#),
+        "{canary}"
+    );
+    assert!(canary.contains(r#"response_code="200""#), "{canary}");
+    assert!(canary.ends_with(" 5"), "{canary}");
 }
 
 #[tokio::test]
@@ -723,6 +802,21 @@ async fn retry_prefers_another_endpoint_when_one_fails() {
     let failed = setup.backend("payment-v1").calls();
     assert!(failed > 0, "the failing endpoint was never chosen");
     assert_eq!(setup.plane.retry_stats().retries(), failed as u64);
+    let retried: u64 = setup
+        .logs_eventually(100)
+        .await
+        .iter()
+        .map(|l| l.retries)
+        .sum();
+    assert_eq!(retried, failed as u64);
+    let metrics = setup.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ambit_waypoint_retries_total{")
+                && l.ends_with(&format!(" {failed}"))),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
