@@ -1,10 +1,11 @@
 //! `cargo xtask cluster …`: the simulated cluster from the command line.
 //!
 //! ```text
-//! cargo xtask cluster up [--mesh [--no-daemons]] [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster up [--mesh [--no-daemons]] [--waypoint NS/NAME[@NODE,…]]… [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
 //! cargo xtask cluster status [--json]
 //! cargo xtask cluster exec NAMESPACE/POD -- CMD…
 //! cargo xtask cluster apply FILE | delete FILE
+//! cargo xtask cluster label service|namespace NAME KEY=VALUE|KEY-   # e.g. ambit.dev/use-waypoint=waypoint
 //! cargo xtask cluster down [--all]
 //! cargo xtask cluster topology        # print the default topology (to copy and edit)
 //! ```
@@ -67,6 +68,17 @@ enum ClusterCmd {
         /// Kubernetes YAML (one or more documents).
         file: PathBuf,
     },
+    /// Set (KEY=VALUE) or remove (KEY-) a label of a generated Service or Namespace,
+    /// e.g. `ambit.dev/use-waypoint=waypoint`.
+    Label {
+        /// `service` (NAMESPACE/NAME) or `namespace` (NAME).
+        #[arg(value_parser = ["service", "namespace"])]
+        kind: String,
+        /// The object.
+        object: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        label: String,
+    },
     /// Tear the cluster down, also leftovers of a crashed run.
     Down {
         /// Every Ambit cluster on this machine, not only --name.
@@ -109,6 +121,14 @@ struct UpArgs {
         allow_hyphen_values = true
     )]
     daemon_args: Vec<String>,
+    /// Add a waypoint to the topology: NAMESPACE/NAME, one pod on each NODE
+    /// (default: the first node); repeatable. Label a Service or Namespace with
+    /// `ambit.dev/use-waypoint=NAME` to use it (`cluster label`).
+    #[arg(long = "waypoint", value_name = "NS/NAME[@NODE,…]")]
+    waypoints: Vec<String>,
+    /// Extra flag for every ambit-waypoint (repeatable).
+    #[arg(long = "waypoint-arg", requires = "mesh", allow_hyphen_values = true)]
+    waypoint_args: Vec<String>,
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -153,6 +173,30 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ClusterCmd::Label {
+            kind,
+            object,
+            label,
+        } => {
+            let cluster = attach(opts, &args.state_root)?;
+            let (key, value) = match label.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => match label.strip_suffix('-') {
+                    Some(k) => (k, None),
+                    None => bail!("label {label:?}: expected KEY=VALUE or KEY-"),
+                },
+            };
+            if kind == "service" {
+                cluster.label_service(&object, key, value)?;
+            } else {
+                cluster.label_namespace(&object, key, value)?;
+            }
+            match value {
+                Some(v) => println!("{kind} {object} labelled {key}={v}"),
+                None => println!("{kind} {object}: label {key} removed"),
+            }
+            Ok(())
+        }
         ClusterCmd::Down { all: true } => {
             let reports = ambit_simcluster::down_all_in(&args.state_root)?;
             if reports.is_empty() {
@@ -173,10 +217,14 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
 }
 
 fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
-    let topology = match &args.topology {
+    let mut topology = match &args.topology {
         Some(path) => Topology::from_file(path)?,
         None => Topology::default_shop(),
     };
+    for spec in &args.waypoints {
+        topology = with_waypoint(topology, spec)?;
+    }
+    topology.validate()?;
     if !args.no_build {
         crate::test::cargo(
             "building the binaries (skip with --no-build)",
@@ -198,6 +246,7 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
             controller_args: args.controller_args.clone(),
             daemons: !args.no_daemons,
             daemon_args: args.daemon_args.clone(),
+            waypoint_args: args.waypoint_args.clone(),
             ..MeshOptions::default()
         });
     }
@@ -233,6 +282,28 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
     }
     println!("tear down: cargo xtask cluster down{flag}");
     Ok(())
+}
+
+/// `topology` with the waypoint `NAMESPACE/NAME[@NODE,…]` added.
+fn with_waypoint(topology: Topology, spec: &str) -> anyhow::Result<Topology> {
+    let (name, nodes) = match spec.split_once('@') {
+        Some((name, nodes)) => (name, nodes.split(',').map(str::to_owned).collect()),
+        None => (
+            spec,
+            vec![
+                topology
+                    .nodes
+                    .first()
+                    .map(|n| n.name.clone())
+                    .context("the topology has no node")?,
+            ],
+        ),
+    };
+    let Some((namespace, name)) = name.split_once('/') else {
+        bail!("--waypoint {spec:?}: expected NAMESPACE/NAME[@NODE,…]");
+    };
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    Ok(topology.with_waypoint(namespace, name, &nodes))
 }
 
 /// [`Cluster::attach`], pointing at `down` when only leftovers of the cluster exist.
@@ -327,8 +398,14 @@ fn print_status(st: &Status) {
         ],
         st.pods.iter().map(|p| {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let state = match (p.running, p.pid) {
-                (true, Some(pid)) => format!("running ({pid})"),
+            let waypoint = st
+                .mesh
+                .as_ref()
+                .and_then(|m| m.waypoints.iter().find(|w| w.pod == p.pod_ref()));
+            let state = match (p.running, p.pid, waypoint) {
+                (true, Some(pid), _) => format!("running ({pid})"),
+                (_, _, Some(w)) => format!("waypoint ({})", w.pid),
+                _ if p.waypoint.is_some() => "waypoint (not started)".to_owned(),
                 _ => "not running".to_owned(),
             };
             vec![
@@ -376,6 +453,45 @@ fn print_status(st: &Status) {
             ]
         }),
     );
+    if !st.waypoints.is_empty() {
+        println!();
+        table(
+            &["NAMESPACE", "WAYPOINT", "FOR", "PODS", "USED BY"],
+            st.waypoints.iter().map(|w| {
+                let pods: Vec<String> = w.pods.iter().map(|p| p.name.clone()).collect();
+                let uses = |labels: &std::collections::BTreeMap<String, String>| {
+                    ["ambit.dev/use-waypoint", "istio.io/use-waypoint"]
+                        .iter()
+                        .any(|k| labels.get(*k) == Some(&w.name))
+                };
+                let mut users: Vec<String> = st
+                    .namespaces
+                    .iter()
+                    .filter(|n| n.name == w.namespace && uses(&n.labels))
+                    .map(|n| format!("namespace {}", n.name))
+                    .collect();
+                users.extend(
+                    st.services
+                        .iter()
+                        .filter(|s| s.namespace == w.namespace && uses(&s.labels))
+                        .map(|s| format!("service {}", s.name)),
+                );
+                vec![
+                    w.namespace.clone(),
+                    w.name.clone(),
+                    w.waypoint_for
+                        .clone()
+                        .unwrap_or_else(|| "service".to_owned()),
+                    pods.join(","),
+                    if users.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        users.join(",")
+                    },
+                ]
+            }),
+        );
+    }
     if let Some(mesh) = &st.mesh {
         let c = &mesh.controller;
         println!();
@@ -394,6 +510,9 @@ fn print_status(st: &Status) {
         println!("  log              {}", c.log.display());
         for (node, path) in &mesh.node_tokens {
             println!("  token {node:<10} {}", path.display());
+        }
+        for (waypoint, path) in &mesh.waypoint_tokens {
+            println!("  token {waypoint:<10} {}", path.display());
         }
         if !mesh.daemons.is_empty() {
             println!();
@@ -423,6 +542,23 @@ fn print_status(st: &Status) {
                 }),
             );
         }
+    }
+    if let Some(mesh) = st.mesh.as_ref().filter(|m| !m.waypoints.is_empty()) {
+        println!();
+        println!("mesh waypoints (admin on each waypoint pod's loopback)");
+        table(
+            &["POD", "PID", "HBONE", "READINESS", "METRICS", "LOG"],
+            mesh.waypoints.iter().map(|w| {
+                vec![
+                    w.pod.to_string(),
+                    w.pid.to_string(),
+                    w.hbone_addr.to_string(),
+                    w.readiness_addr.to_string(),
+                    w.metrics_addr.to_string(),
+                    w.log.display().to_string(),
+                ]
+            }),
+        );
     }
     if !st.processes.is_empty() {
         println!();

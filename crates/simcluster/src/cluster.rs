@@ -21,10 +21,10 @@ use crate::{
     netns, process,
     status::{
         ControlInfo, NamespaceInfo, NodeInfo, Owner, Phase, Place, PodInfo, ProcessInfo,
-        STATE_VERSION, ServiceInfo, ServicePort, Status, UnderlayInfo,
+        STATE_VERSION, ServiceInfo, ServicePort, Status, UnderlayInfo, WaypointInfo,
     },
     teardown::{self, TeardownReport},
-    topology::{ECHO_PORTS, Resolved, Topology},
+    topology::{ECHO_PORTS, GATEWAY_NAME_LABEL, Resolved, Topology},
 };
 
 /// Where cluster state directories live unless [`Options::state_root`] says otherwise.
@@ -445,6 +445,60 @@ impl Cluster {
         manifests::delete(&self.config_dir(), yaml, "<string>")
     }
 
+    /// Sets (`Some`) or removes (`None`) the label `key` of the Service
+    /// `"namespace/name"` and rewrites the generated objects, which the controller
+    /// picks up like any change of the config directory; e.g.
+    /// `ambit.dev/use-waypoint: waypoint` sends the Service's traffic through that
+    /// waypoint.
+    pub fn label_service(
+        &self,
+        service: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), Error> {
+        let r: PodRef = service
+            .parse()
+            .map_err(|_| Error::UnknownService(service.to_owned()))?;
+        check_label(key, value, &format!("service {service} label"))?;
+        self.relabel(|st| {
+            let svc = st
+                .services
+                .iter_mut()
+                .find(|s| s.namespace == r.namespace && s.name == r.name)
+                .ok_or_else(|| Error::UnknownService(service.to_owned()))?;
+            set_label(&mut svc.labels, key, value);
+            Ok(())
+        })
+    }
+
+    /// Sets (`Some`) or removes (`None`) the label `key` of the Namespace `name`
+    /// and rewrites the generated objects (see [`Cluster::label_service`]); e.g.
+    /// `ambit.dev/use-waypoint` or `ambit.dev/dataplane-mode`.
+    pub fn label_namespace(&self, name: &str, key: &str, value: Option<&str>) -> Result<(), Error> {
+        check_label(key, value, &format!("namespace {name} label"))?;
+        self.relabel(|st| {
+            let ns = st
+                .namespaces
+                .iter_mut()
+                .find(|n| n.name == name)
+                .ok_or_else(|| Error::UnknownNamespace(name.to_owned()))?;
+            set_label(&mut ns.labels, key, value);
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to the status, then rewrites `00-cluster.yaml` and the state
+    /// file.
+    fn relabel(&self, change: impl FnOnce(&mut Status) -> Result<(), Error>) -> Result<(), Error> {
+        let (path, yaml) = {
+            let mut st = self.lock();
+            change(&mut st)?;
+            (st.cluster_config.clone(), manifests::cluster_yaml(&st)?)
+        };
+        manifests::write_atomic(&path, yaml.as_bytes())?;
+        self.save()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Status> {
         // A panic while holding the lock leaves the status usable: it is plain data.
         self.status
@@ -585,12 +639,14 @@ impl Cluster {
                 self.start_mesh_daemons(mesh)?;
                 self.start_workloads(&st, true)?;
                 self.wait_ready()?;
+                self.start_mesh_waypoints(mesh)?;
             }
             mesh => {
                 self.start_workloads(&st, false)?;
                 self.wait_ready()?;
                 if let Some(mesh) = mesh {
                     self.start_mesh_control(mesh)?;
+                    self.start_mesh_waypoints(mesh)?;
                 }
             }
         }
@@ -604,6 +660,9 @@ impl Cluster {
         for pod in &st.pods {
             if cni_add {
                 self.cni_add(pod)?;
+            }
+            if pod.waypoint.is_some() {
+                continue; // the mesh runs `ambit-waypoint` in it
             }
             let (program, args) = pod.command.split_first().ok_or(Error::EmptyCommand)?;
             let mut cmd = Command::new(program);
@@ -924,8 +983,35 @@ pub(crate) fn plan(
         .collect();
     let mut pods = Vec::with_capacity(r.pods.len());
     for rp in &r.pods {
-        let wl = topology.workload(rp);
         let pod_ref = PodRef::new(&rp.namespace, &rp.name);
+        let node = nodes
+            .iter()
+            .find(|n| n.name == rp.node)
+            .ok_or_else(|| Error::UnknownNode(rp.node.clone()))?;
+        let Some(wl) = topology.workload(rp) else {
+            if let Some(wp) = topology.waypoint(rp) {
+                pods.push(PodInfo {
+                    namespace: rp.namespace.clone(),
+                    name: rp.name.clone(),
+                    workload: wp.name.clone(),
+                    node: rp.node.clone(),
+                    netns: name.pod_netns(&pod_ref),
+                    ip: rp.ip,
+                    gateway: node.gateway,
+                    cgroup: node.pods_cgroup.join(pod_ref.file_stem()),
+                    service_account: wp.name.clone(),
+                    labels: BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), wp.name.clone())]),
+                    command: Vec::new(),
+                    ready_ports: Vec::new(),
+                    pid: None,
+                    log: logs_dir.join(format!("pod_{}.log", pod_ref.file_stem())),
+                    running: false,
+                    cni: None,
+                    waypoint: Some(wp.name.clone()),
+                });
+            }
+            continue;
+        };
         let (command, ready_ports) = match &wl.command {
             Some(cmd) => {
                 let mut cmd = cmd.clone();
@@ -955,10 +1041,6 @@ pub(crate) fn plan(
                 )
             }
         };
-        let node = nodes
-            .iter()
-            .find(|n| n.name == rp.node)
-            .ok_or_else(|| Error::UnknownNode(rp.node.clone()))?;
         pods.push(PodInfo {
             namespace: rp.namespace.clone(),
             name: rp.name.clone(),
@@ -976,6 +1058,7 @@ pub(crate) fn plan(
             log: logs_dir.join(format!("pod_{}.log", pod_ref.file_stem())),
             running: false,
             cni: None,
+            waypoint: None,
         });
     }
     let services = r
@@ -988,6 +1071,7 @@ pub(crate) fn plan(
                 .find(|n| n.name == rs.namespace)
                 .and_then(|n| n.services.iter().find(|s| s.name == rs.name));
             let selector = spec.map(|s| s.selector.clone()).unwrap_or_default();
+            let labels = spec.map(|s| s.labels.clone()).unwrap_or_default();
             let ports = spec
                 .map(|s| {
                     s.ports
@@ -1011,6 +1095,7 @@ pub(crate) fn plan(
                 name: rs.name.clone(),
                 cluster_ip: rs.cluster_ip,
                 selector,
+                labels,
                 ports,
                 endpoints,
             }
@@ -1046,11 +1131,45 @@ pub(crate) fn plan(
                 labels: n.labels.clone(),
             })
             .collect(),
+        waypoints: topology
+            .namespaces
+            .iter()
+            .flat_map(|ns| {
+                ns.waypoints.iter().map(|wp| WaypointInfo {
+                    namespace: ns.name.clone(),
+                    name: wp.name.clone(),
+                    waypoint_for: wp.waypoint_for.clone(),
+                    pods: pods
+                        .iter()
+                        .filter(|p| {
+                            p.namespace == ns.name && p.waypoint.as_deref() == Some(&wp.name)
+                        })
+                        .map(PodInfo::pod_ref)
+                        .collect(),
+                })
+            })
+            .collect(),
         pods,
         services,
         processes: Vec::new(),
         mesh: None,
     })
+}
+
+fn check_label(key: &str, value: Option<&str>, field: &str) -> Result<(), Error> {
+    let labels = BTreeMap::from([(key.to_owned(), value.unwrap_or_default().to_owned())]);
+    crate::topology::check_labels(&labels, field).map_err(Error::from)
+}
+
+fn set_label(labels: &mut BTreeMap<String, String>, key: &str, value: Option<&str>) {
+    match value {
+        Some(v) => {
+            labels.insert(key.to_owned(), v.to_owned());
+        }
+        None => {
+            labels.remove(key);
+        }
+    }
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {

@@ -74,9 +74,11 @@
 //!   config/00-cluster.yaml   generated Kubernetes objects (see `manifests`)
 //!   config/<group>_<kind>_<ns>_<name>.yaml   objects added with apply
 //!   controller/              the mesh controller's state (root CA), with `--mesh`
-//!   tokens/                  node bootstrap tokens (0600), with `--mesh` (module mesh)
+//!   tokens/                  node and waypoint bootstrap tokens (0600), with `--mesh`
+//!                            (module mesh)
 //!   nodes/<node>/            a node daemon's state dir (its bpffs mount `bpf/`) and
 //!                            enrolment socket `cni.sock`, with the mesh data plane
+//!   waypoints/<ns>_<pod>/    a waypoint's state dir, with `--mesh`
 //!   logs/pod_<ns>_<pod>.log  workload stdout+stderr
 //!   logs/node_<node>_<process>.log, logs/control_<process>.log,
 //!   logs/pod_<ns>_<pod>_<process>.log       processes started with spawn_*
@@ -103,6 +105,20 @@
 //! fails `up` with the plugin's error JSON. Teardown calls CNI DEL (best effort) for
 //! those pods before it kills anything, and unmounts what the daemons mounted under the
 //! state directory.
+//!
+//! # Waypoints
+//!
+//! A namespace's `waypoints` (see [`topology::WaypointSpec`]) become a Gateway of
+//! class `ambit-waypoint` in `00-cluster.yaml` and pods `<name>-<index>` (addresses
+//! after every workload pod's, so adding a waypoint moves nothing) labelled
+//! `gateway.networking.k8s.io/gateway-name: <name>`, with service account `<name>`
+//! and no workload process. With the mesh, the controller gets a bootstrap token per
+//! waypoint and `up` starts `ambit-waypoint` in each waypoint pod once the control
+//! plane (and the node daemons) are up, waiting for its readiness
+//! ([`Cluster::start_mesh_waypoints`]). Traffic goes through a waypoint once a Service
+//! or Namespace carries `ambit.dev/use-waypoint: <name>`: in the topology
+//! (`services[].labels`) or at run time with [`Cluster::label_service`] /
+//! [`Cluster::label_namespace`], which rewrite the generated objects.
 //!
 //! # Teardown
 //!
@@ -138,18 +154,18 @@ pub use crate::{
     },
     cni::{CniCommand, PodCni},
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
-    mesh::{ControllerInfo, DaemonInfo, MeshInfo, MeshOptions},
+    mesh::{ControllerInfo, DaemonInfo, MeshInfo, MeshOptions, WaypointProcessInfo},
     names::{
         ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
         TEST_NAME_PREFIX,
     },
     netns::NETNS_DIR,
     process::log_tail,
-    status::{NodeInfo, Place, PodInfo, ProcessInfo, ServiceInfo, Status},
+    status::{NodeInfo, Place, PodInfo, ProcessInfo, ServiceInfo, Status, WaypointInfo},
     teardown::{
         TeardownReport, down, down_all, down_all_in, down_stale_test_clusters, list_clusters,
     },
-    topology::{DEFAULT_TOPOLOGY_YAML, Topology, TopologyError},
+    topology::{DEFAULT_TOPOLOGY_YAML, Topology, TopologyError, WaypointSpec},
 };
 
 /// What went wrong in the simulated cluster.
@@ -256,6 +272,9 @@ pub enum Error {
     /// No such node.
     #[error("no node {0:?} in the cluster")]
     UnknownNode(String),
+    /// No such Namespace.
+    #[error("no namespace {0:?} in the cluster")]
+    UnknownNamespace(String),
     /// No such Service.
     #[error("no service {0} in the cluster (expected NAMESPACE/NAME)")]
     UnknownService(String),

@@ -7,9 +7,11 @@
 //!   controller/                  the controller's state (generated root CA)
 //!   tokens/                      mode 0700
 //!     <node>.token               one random token per node, mode 0600 (node daemons)
+//!     waypoint_<ns>_<name>.token one per waypoint (its Gateway), mode 0600
 //!     controller-tokens.yaml     the controller's --bootstrap-tokens, mode 0600
 //!   nodes/<node>/                mode 0700: the daemon's --state-dir (bpffs at bpf/)
 //!     cni.sock                   its --cni-socket, for the ambit-cni plugin
+//!   waypoints/<ns>_<pod>/        mode 0700: a waypoint pod's --state-dir
 //! ```
 //!
 //! A node daemon runs in its node's namespace, cgroup `<node>/system/ambit-node`:
@@ -20,6 +22,17 @@
 //!   --pods-cgroup <node pods cgroup> --cni-socket <state>/nodes/<node>/cni.sock
 //!   --readiness-addr 0.0.0.0:15021 --admin-addr 127.0.0.1:15000
 //!   --metrics-addr 0.0.0.0:15020 [MeshOptions::daemon_args…]
+//! ```
+//!
+//! A waypoint (topology `waypoints`, see [`crate::topology::WaypointSpec`]) runs in
+//! each of its pods, in the pod's namespace and cgroup, once the control plane is up
+//! ([`Cluster::start_mesh_waypoints`]):
+//!
+//! ```text
+//! ambit-waypoint --name <gateway> --namespace <ns> --controller-addr http://<control ip>:15012
+//!   --token-file <state>/tokens/waypoint_<ns>_<gateway>.token
+//!   --state-dir <state>/waypoints/<ns>_<pod> --readiness-addr 0.0.0.0:15021
+//!   --admin-addr 127.0.0.1:15000 --metrics-addr 0.0.0.0:15020 [MeshOptions::waypoint_args…]
 //! ```
 //!
 //! The controller listens on `<control ip>:15012` (gRPC: config push and CA, reached
@@ -40,7 +53,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Cluster, Error, Place};
+use crate::{Cluster, Error, Place, PodRef};
 
 /// The controller's binary, looked up in the binaries directory.
 pub const CONTROLLER_BINARY: &str = "ambit-controller";
@@ -70,6 +83,21 @@ pub const DAEMON_METRICS_PORT: u16 = 15020;
 /// How long [`Cluster::start_mesh_daemons`] waits for every daemon to be ready.
 pub const DEFAULT_DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The waypoint's binary, looked up in the binaries directory.
+pub const WAYPOINT_BINARY: &str = "ambit-waypoint";
+/// The waypoint's process name in its pod (`pod_<ns>_<pod>_<name>.log`).
+pub const WAYPOINT_PROCESS: &str = "ambit-waypoint";
+/// Readiness port of a waypoint (`/healthz/ready`), on the pod's address.
+pub const WAYPOINT_READINESS_PORT: u16 = 15021;
+/// Admin port of a waypoint (loopback of its pod).
+pub const WAYPOINT_ADMIN_PORT: u16 = 15000;
+/// Metrics port of a waypoint, on the pod's address.
+pub const WAYPOINT_METRICS_PORT: u16 = 15020;
+/// HBONE port of a waypoint.
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+/// How long [`Cluster::start_mesh_waypoints`] waits for every waypoint to be ready.
+pub const DEFAULT_WAYPOINT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How to start the mesh.
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
@@ -85,6 +113,10 @@ pub struct MeshOptions {
     pub daemon_args: Vec<String>,
     /// How long to wait for every daemon's `/healthz/ready`.
     pub daemon_ready_timeout: Duration,
+    /// Extra flags for every `ambit-waypoint`.
+    pub waypoint_args: Vec<String>,
+    /// How long to wait for every waypoint's `/healthz/ready`.
+    pub waypoint_ready_timeout: Duration,
 }
 
 impl Default for MeshOptions {
@@ -95,6 +127,8 @@ impl Default for MeshOptions {
             daemons: false,
             daemon_args: Vec::new(),
             daemon_ready_timeout: DEFAULT_DAEMON_READY_TIMEOUT,
+            waypoint_args: Vec::new(),
+            waypoint_ready_timeout: DEFAULT_WAYPOINT_READY_TIMEOUT,
         }
     }
 }
@@ -123,6 +157,42 @@ pub struct MeshInfo {
     /// The node daemons, in node order, once started (empty without the data plane).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub daemons: Vec<DaemonInfo>,
+    /// Waypoint `namespace/name` → the file holding its bootstrap token (mode 0600).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub waypoint_tokens: BTreeMap<String, PathBuf>,
+    /// The waypoint processes, one per waypoint pod, once started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointProcessInfo>,
+}
+
+/// A running waypoint: its pod, where it listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointProcessInfo {
+    /// Namespace of its Gateway (and pod).
+    pub namespace: String,
+    /// Its Gateway's name.
+    pub name: String,
+    /// Its pod.
+    pub pod: PodRef,
+    /// Its process name ([`WAYPOINT_PROCESS`]), in [`Place::Pod`].
+    pub process: String,
+    /// Its pid.
+    pub pid: u32,
+    /// HBONE, `<pod ip>:15008`.
+    pub hbone_addr: SocketAddrV4,
+    /// Readiness, `<pod ip>:15021` (pod namespace).
+    pub readiness_addr: SocketAddrV4,
+    /// Admin endpoints, on the pod namespace's loopback.
+    pub admin_addr: SocketAddrV4,
+    /// Metrics, `<pod ip>:15020`.
+    pub metrics_addr: SocketAddrV4,
+    /// Its state directory, `<cluster state>/waypoints/<ns>_<pod>`.
+    pub state_dir: PathBuf,
+    /// Its bootstrap token file.
+    pub token_file: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// A node daemon: where it runs and listens.
@@ -200,6 +270,15 @@ impl Cluster {
             entries.push(serde_json::json!({"token": token, "node": node.name}));
             node_tokens.insert(node.name.clone(), path);
         }
+        let mut waypoint_tokens = BTreeMap::new();
+        for wp in &st.waypoints {
+            let token = random_token()?;
+            let path = tokens_dir.join(format!("waypoint_{}_{}.token", wp.namespace, wp.name));
+            write_secret(&path, format!("{token}\n").as_bytes())?;
+            let name = format!("{}/{}", wp.namespace, wp.name);
+            entries.push(serde_json::json!({"token": token, "waypoint": name}));
+            waypoint_tokens.insert(name, path);
+        }
         let tokens_file = tokens_dir.join("controller-tokens.yaml");
         let yaml =
             serde_yaml::to_string(&serde_json::json!({ "tokens": entries })).map_err(|source| {
@@ -243,6 +322,8 @@ impl Cluster {
             tokens_dir,
             node_tokens,
             daemons: Vec::new(),
+            waypoint_tokens,
+            waypoints: Vec::new(),
         };
         self.set_mesh(Some(info.clone()))?;
 
@@ -349,58 +430,161 @@ impl Cluster {
         }
 
         // Wait for all of them together: they start in parallel.
-        let deadline = Instant::now() + opts.daemon_ready_timeout;
-        let mut pending: Vec<&(DaemonInfo, crate::Process)> = started.iter().collect();
-        while let Some(&(first, _)) = pending.first() {
+        let awaited: Vec<Awaited<'_>> = started
+            .iter()
+            .map(|(info, process)| Awaited {
+                place: Place::Node(info.node.clone()),
+                readiness: SocketAddr::V4(info.readiness_addr),
+                process,
+            })
+            .collect();
+        self.wait_all_ready(&awaited, opts.daemon_ready_timeout)?;
+        tracing::info!(cluster = %self.name(), daemons = started.len(), "mesh data plane ready");
+        Ok(started.into_iter().map(|(info, _)| info).collect())
+    }
+
+    /// Starts `ambit-waypoint` in every waypoint pod (see the module docs), pointed
+    /// at the controller with its waypoint's bootstrap token, and returns once every
+    /// waypoint's `/healthz/ready` answers 200. Needs [`Cluster::start_mesh_control`]
+    /// first (the node daemons are not needed: waypoint pods are never captured).
+    /// Recorded in the state file (`MeshInfo::waypoints`) and stopped by `down`.
+    pub fn start_mesh_waypoints(
+        &self,
+        opts: &MeshOptions,
+    ) -> Result<Vec<WaypointProcessInfo>, Error> {
+        let st = self.status();
+        if st.waypoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let binary = self.binary(WAYPOINT_BINARY)?;
+        let Some(mut mesh) = st.mesh.clone() else {
+            return Err(Error::MeshNotStarted);
+        };
+        let mut started = Vec::new();
+        for wp in &st.waypoints {
+            let key = format!("{}/{}", wp.namespace, wp.name);
+            let token_file = mesh
+                .waypoint_tokens
+                .get(&key)
+                .cloned()
+                .ok_or(Error::MeshNotStarted)?;
+            for pod_ref in &wp.pods {
+                let pod = st
+                    .pod(pod_ref)
+                    .ok_or_else(|| Error::UnknownPod(pod_ref.to_string()))?;
+                let state_dir = st.state_dir.join("waypoints").join(pod_ref.file_stem());
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&state_dir)
+                    .map_err(|source| Error::Io {
+                        op: "creating",
+                        path: state_dir.clone(),
+                        source,
+                    })?;
+                let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).to_string();
+                let admin_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, WAYPOINT_ADMIN_PORT);
+                let mut cmd = Command::new(&binary);
+                cmd.arg("--name")
+                    .arg(&wp.name)
+                    .arg("--namespace")
+                    .arg(&wp.namespace)
+                    .arg("--controller-addr")
+                    .arg(format!("http://{}", mesh.controller.grpc_addr))
+                    .arg("--token-file")
+                    .arg(&token_file)
+                    .arg("--state-dir")
+                    .arg(&state_dir)
+                    .arg("--readiness-addr")
+                    .arg(any(WAYPOINT_READINESS_PORT))
+                    .arg("--admin-addr")
+                    .arg(admin_addr.to_string())
+                    .arg("--metrics-addr")
+                    .arg(any(WAYPOINT_METRICS_PORT))
+                    .args(&opts.waypoint_args)
+                    .env("POD_NAME", &pod.name)
+                    .env("POD_NAMESPACE", &pod.namespace)
+                    .env("POD_IP", pod.ip.to_string())
+                    .env("NODE_NAME", &pod.node)
+                    .env("SERVICE_ACCOUNT", &pod.service_account);
+                let process = self.spawn(Place::Pod(pod_ref.clone()), WAYPOINT_PROCESS, cmd)?;
+                let info = WaypointProcessInfo {
+                    namespace: wp.namespace.clone(),
+                    name: wp.name.clone(),
+                    pod: pod_ref.clone(),
+                    process: WAYPOINT_PROCESS.to_owned(),
+                    pid: process.pid,
+                    hbone_addr: SocketAddrV4::new(pod.ip, WAYPOINT_HBONE_PORT),
+                    readiness_addr: SocketAddrV4::new(pod.ip, WAYPOINT_READINESS_PORT),
+                    admin_addr,
+                    metrics_addr: SocketAddrV4::new(pod.ip, WAYPOINT_METRICS_PORT),
+                    state_dir,
+                    token_file: token_file.clone(),
+                    log: process.log.clone(),
+                };
+                mesh.waypoints.retain(|w| w.pod != *pod_ref);
+                mesh.waypoints.push(info.clone());
+                self.set_mesh(Some(mesh.clone()))?;
+                started.push((info, process));
+            }
+        }
+        let awaited: Vec<Awaited<'_>> = started
+            .iter()
+            .map(|(info, process)| Awaited {
+                place: Place::Pod(info.pod.clone()),
+                readiness: SocketAddr::V4(info.readiness_addr),
+                process,
+            })
+            .collect();
+        self.wait_all_ready(&awaited, opts.waypoint_ready_timeout)?;
+        tracing::info!(cluster = %self.name(), waypoints = started.len(), "mesh waypoints ready");
+        Ok(started.into_iter().map(|(info, _)| info).collect())
+    }
+
+    /// Waits until every process's `/healthz/ready` answers 200, failing early (with
+    /// the log tail) when one exits, and with the last answer of the first one still
+    /// pending at the deadline.
+    fn wait_all_ready(&self, awaited: &[Awaited<'_>], timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut pending: Vec<&Awaited<'_>> = awaited.iter().collect();
+        while !pending.is_empty() {
             let mut still = Vec::new();
-            let mut last_first = String::new();
-            for entry @ (info, process) in pending {
-                let what = format!("{DAEMON_PROCESS} in {}", process.place);
-                if !process.is_running() {
+            let mut last_first = None;
+            for a in pending {
+                let what = format!("{} in {}", a.process.name, a.process.place);
+                if !a.process.is_running() {
                     return Err(Error::Exited {
                         what,
                         status: "gone".to_owned(),
-                        log: process.log.clone(),
-                        tail: process.log_tail(30),
+                        log: a.process.log.clone(),
+                        tail: a.process.log_tail(30),
                     });
                 }
-                let place = Place::Node(info.node.clone());
-                let last = match self.http_get(
-                    &place,
-                    SocketAddr::V4(info.readiness_addr),
-                    "/healthz/ready",
-                ) {
+                let last = match self.http_get(&a.place, a.readiness, "/healthz/ready") {
                     Ok((200, _)) => continue,
                     Ok((code, body)) => format!("{code}: {}", body.trim()),
                     Err(e) => crate::error_chain(&e),
                 };
-                if info.node == first.node {
-                    last_first = last;
-                }
-                still.push(entry);
+                last_first.get_or_insert(last);
+                still.push(a);
             }
             pending = still;
-            if let Some(&(info, process)) = pending.first()
+            if let Some(first) = pending.first()
                 && Instant::now() >= deadline
             {
                 return Err(Error::NotReady {
-                    what: format!("{DAEMON_PROCESS} in {}", process.place),
-                    timeout: opts.daemon_ready_timeout,
-                    last: if info.node == first.node {
-                        last_first
-                    } else {
-                        "not ready".to_owned()
-                    },
-                    log: process.log.clone(),
-                    tail: process.log_tail(30),
+                    what: format!("{} in {}", first.process.name, first.process.place),
+                    timeout,
+                    last: last_first.unwrap_or_default(),
+                    log: first.process.log.clone(),
+                    tail: first.process.log_tail(30),
                 });
             }
             if !pending.is_empty() {
                 std::thread::sleep(POLL);
             }
         }
-        tracing::info!(cluster = %self.name(), daemons = started.len(), "mesh data plane ready");
-        Ok(started.into_iter().map(|(info, _)| info).collect())
+        Ok(())
     }
 
     /// The mesh control plane, when started.
@@ -453,6 +637,13 @@ impl Cluster {
             ))
         })
     }
+}
+
+/// A process whose readiness is awaited.
+struct Awaited<'a> {
+    place: Place,
+    readiness: SocketAddr,
+    process: &'a crate::Process,
 }
 
 /// Status code and body of a `connection: close` HTTP/1.1 response (the admin

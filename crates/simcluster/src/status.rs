@@ -52,6 +52,9 @@ pub struct Status {
     pub pods: Vec<PodInfo>,
     /// Services.
     pub services: Vec<ServiceInfo>,
+    /// Waypoints (Gateways of class `ambit-waypoint`) and their pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointInfo>,
     /// Processes started with `spawn_*` (daemons, controller, extra pod processes).
     pub processes: Vec<ProcessInfo>,
     /// The mesh control plane, once started (`up --mesh`, `Cluster::start_mesh_control`).
@@ -174,6 +177,27 @@ pub struct PodInfo {
     /// The pod's CNI attachment, with the mesh data plane (`ambit-cni` ADD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni: Option<crate::cni::PodCni>,
+    /// For a waypoint pod, its Gateway's name. A waypoint pod has no workload
+    /// process of its own (`command` is empty): the mesh starts `ambit-waypoint` in
+    /// it ([`crate::Cluster::start_mesh_waypoints`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
+}
+
+/// A waypoint: a Gateway of class `ambit-waypoint` in the config directory and its
+/// pods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointInfo {
+    /// Namespace of the Gateway.
+    pub namespace: String,
+    /// Gateway name (also its pods' service account).
+    pub name: String,
+    /// Its `istio.io/waypoint-for` label, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint_for: Option<String>,
+    /// Its pods, in placement order.
+    pub pods: Vec<PodRef>,
 }
 
 /// A ClusterIP Service.
@@ -189,6 +213,10 @@ pub struct ServiceInfo {
     pub cluster_ip: Ipv4Addr,
     /// Label selector.
     pub selector: BTreeMap<String, String>,
+    /// Service labels (e.g. `ambit.dev/use-waypoint`); see
+    /// [`crate::Cluster::label_service`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Ports.
     pub ports: Vec<ServicePort>,
     /// The pods the selector picks, in pod order.
@@ -263,6 +291,13 @@ impl Status {
     /// The node called `name`.
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The waypoint `namespace/name`.
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&WaypointInfo> {
+        self.waypoints
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
     }
 
     /// The Service `namespace/name`.

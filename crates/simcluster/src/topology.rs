@@ -31,6 +31,11 @@ const GATEWAY_HOST: u32 = 1;
 /// First host number handed to pods inside a node's pod prefix.
 const FIRST_POD_HOST: u32 = 2;
 
+/// The label naming the Gateway a waypoint pod belongs to.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Values of a waypoint's `istio.io/waypoint-for` label.
+pub const WAYPOINT_FOR_VALUES: [&str; 4] = ["service", "workload", "all", "none"];
+
 /// Ports the default workload (`ambit-echo serve`) listens on: HTTP and TCP echo.
 pub const ECHO_PORTS: [u16; 2] = [8080, 9090];
 
@@ -125,6 +130,28 @@ pub struct NamespaceSpec {
     /// Services.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Waypoints: each becomes a Gateway of class `ambit-waypoint` and one waypoint
+    /// pod per entry of its `nodes`, running `ambit-waypoint` once the mesh is up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointSpec>,
+}
+
+/// A waypoint (DESIGN §4): a Gateway API `Gateway` with `gatewayClassName:
+/// ambit-waypoint` and its pods `<name>-<index>`, labelled
+/// `gateway.networking.k8s.io/gateway-name: <name>` and running as service account
+/// `<name>` (the identity the controller expects of the waypoint). Services or
+/// namespaces use it with the label `ambit.dev/use-waypoint: <name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointSpec {
+    /// Gateway name (DNS label); also its pods' service account.
+    pub name: String,
+    /// Placement: one waypoint pod per entry, pod `i` on `nodes[i]`.
+    pub nodes: Vec<String>,
+    /// What traffic it carries: the Gateway's `istio.io/waypoint-for` label,
+    /// `service` (the default when unset), `workload`, `all` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint_for: Option<String>,
 }
 
 /// A workload (think Deployment): pods named `<name>-<index>`.
@@ -160,6 +187,9 @@ pub struct ServiceSpec {
     pub name: String,
     /// Label selector over the namespace's pods.
     pub selector: BTreeMap<String, String>,
+    /// Service labels (e.g. `ambit.dev/use-waypoint: waypoint`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Ports.
     pub ports: Vec<ServicePortSpec>,
     /// VIP (default: the next free address from [`Network::service_ip_start`]).
@@ -242,12 +272,21 @@ pub struct ResolvedPod {
     pub name: String,
     /// Index of the namespace within `namespaces`.
     pub namespace_index: usize,
-    /// Index of its workload within the namespace's `workloads`.
-    pub workload_index: usize,
+    /// What the pod is an instance of.
+    pub owner: PodOwner,
     /// Node name.
     pub node: String,
     /// Pod IP.
     pub ip: Ipv4Addr,
+}
+
+/// What a pod is an instance of, by index within its namespace's lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodOwner {
+    /// A workload (`workloads[i]`).
+    Workload(usize),
+    /// A waypoint (`waypoints[i]`).
+    Waypoint(usize),
 }
 
 /// A Service's VIP.
@@ -435,6 +474,7 @@ impl Topology {
         let mut pods = Vec::new();
         let mut next_pod_host: Vec<u32> = vec![FIRST_POD_HOST; nodes.len()];
         let mut namespaces = BTreeSet::new();
+        let mut namespace_pod_names: Vec<BTreeSet<String>> = Vec::new();
         for (n, ns) in self.namespaces.iter().enumerate() {
             let field = format!("namespaces[{n}]");
             check_dns_label(&ns.name).map_err(|r| invalid(format!("{field}.name"), r))?;
@@ -446,6 +486,7 @@ impl Topology {
             }
             check_labels(&ns.labels, &format!("{field}.labels"))?;
             let mut workloads = BTreeSet::new();
+            let mut pod_names = BTreeSet::new();
             for (w, wl) in ns.workloads.iter().enumerate() {
                 let field = format!("{field}.workloads[{w}]");
                 check_dns_label(&wl.name).map_err(|r| invalid(format!("{field}.name"), r))?;
@@ -483,6 +524,7 @@ impl Topology {
                     check_dns_label(&name).map_err(|r| {
                         invalid(format!("{field}.name"), format!("pod name {name:?} {r}"))
                     })?;
+                    pod_names.insert(name.clone());
                     let host = next_pod_host[ni];
                     next_pod_host[ni] += 1;
                     let ip = nodes[ni].pod_cidr.host(host).ok_or_else(|| {
@@ -495,7 +537,70 @@ impl Topology {
                         namespace: ns.name.clone(),
                         name,
                         namespace_index: n,
-                        workload_index: w,
+                        owner: PodOwner::Workload(w),
+                        node: node.clone(),
+                        ip,
+                    });
+                }
+            }
+            namespace_pod_names.push(pod_names);
+        }
+        // Waypoint pods after every workload pod, so adding a waypoint moves no
+        // workload's address.
+        for (n, ns) in self.namespaces.iter().enumerate() {
+            let field = format!("namespaces[{n}]");
+            let mut names = BTreeSet::new();
+            for (w, wp) in ns.waypoints.iter().enumerate() {
+                let field = format!("{field}.waypoints[{w}]");
+                check_dns_label(&wp.name).map_err(|r| invalid(format!("{field}.name"), r))?;
+                if !names.insert(wp.name.as_str()) {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!("duplicate waypoint {:?}", wp.name),
+                    ));
+                }
+                if let Some(v) = &wp.waypoint_for
+                    && !WAYPOINT_FOR_VALUES.contains(&v.as_str())
+                {
+                    return Err(invalid(
+                        format!("{field}.waypointFor"),
+                        format!("{v:?} is not one of {}", WAYPOINT_FOR_VALUES.join(", ")),
+                    ));
+                }
+                if wp.nodes.is_empty() {
+                    return Err(invalid(
+                        format!("{field}.nodes"),
+                        "must place at least one waypoint pod",
+                    ));
+                }
+                for (r, node) in wp.nodes.iter().enumerate() {
+                    let nfield = format!("{field}.nodes[{r}]");
+                    let &ni = node_index
+                        .get(node)
+                        .ok_or_else(|| invalid(&nfield, format!("unknown node {node:?}")))?;
+                    let name = format!("{}-{r}", wp.name);
+                    check_dns_label(&name).map_err(|r| {
+                        invalid(format!("{field}.name"), format!("pod name {name:?} {r}"))
+                    })?;
+                    if !namespace_pod_names[n].insert(name.clone()) {
+                        return Err(invalid(
+                            format!("{field}.name"),
+                            format!("pod name {name:?} is taken by a workload's pod"),
+                        ));
+                    }
+                    let host = next_pod_host[ni];
+                    next_pod_host[ni] += 1;
+                    let ip = nodes[ni].pod_cidr.host(host).ok_or_else(|| {
+                        invalid(
+                            &nfield,
+                            format!("pod prefix {} of node {node} is full", nodes[ni].pod_cidr),
+                        )
+                    })?;
+                    pods.push(ResolvedPod {
+                        namespace: ns.name.clone(),
+                        name,
+                        namespace_index: n,
+                        owner: PodOwner::Waypoint(w),
                         node: node.clone(),
                         ip,
                     });
@@ -530,6 +635,7 @@ impl Topology {
                     ));
                 }
                 check_labels(&svc.selector, &format!("{field}.selector"))?;
+                check_labels(&svc.labels, &format!("{field}.labels"))?;
                 if svc.selector.is_empty() {
                     return Err(invalid(
                         format!("{field}.selector"),
@@ -620,13 +726,48 @@ impl Topology {
         Ok(())
     }
 
-    /// The workload a resolved pod belongs to.
-    pub(crate) fn workload(&self, pod: &ResolvedPod) -> &WorkloadSpec {
-        &self.namespaces[pod.namespace_index].workloads[pod.workload_index]
+    /// The workload a resolved pod belongs to (`None` for a waypoint pod).
+    pub(crate) fn workload(&self, pod: &ResolvedPod) -> Option<&WorkloadSpec> {
+        match pod.owner {
+            PodOwner::Workload(w) => self.namespaces[pod.namespace_index].workloads.get(w),
+            PodOwner::Waypoint(_) => None,
+        }
+    }
+
+    /// The waypoint a resolved pod belongs to (`None` for a workload pod).
+    pub(crate) fn waypoint(&self, pod: &ResolvedPod) -> Option<&WaypointSpec> {
+        match pod.owner {
+            PodOwner::Workload(_) => None,
+            PodOwner::Waypoint(w) => self.namespaces[pod.namespace_index].waypoints.get(w),
+        }
+    }
+
+    /// Adds waypoint `name` in `namespace` with one pod per entry of `nodes` (a
+    /// topology change before `Cluster::up`; validated there).
+    pub fn with_waypoint(mut self, namespace: &str, name: &str, nodes: &[&str]) -> Self {
+        let spec = WaypointSpec {
+            name: name.to_owned(),
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            waypoint_for: None,
+        };
+        match self.namespaces.iter_mut().find(|n| n.name == namespace) {
+            Some(ns) => ns.waypoints.push(spec),
+            None => self.namespaces.push(NamespaceSpec {
+                name: namespace.to_owned(),
+                labels: BTreeMap::new(),
+                workloads: Vec::new(),
+                services: Vec::new(),
+                waypoints: vec![spec],
+            }),
+        }
+        self
     }
 }
 
-fn check_labels(labels: &BTreeMap<String, String>, field: &str) -> Result<(), TopologyError> {
+pub(crate) fn check_labels(
+    labels: &BTreeMap<String, String>,
+    field: &str,
+) -> Result<(), TopologyError> {
     for (k, v) in labels {
         let name = k.rsplit('/').next().unwrap_or(k);
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
@@ -826,5 +967,71 @@ namespaces:
         assert!(e.contains("port"), "{e}");
         let e = err_text("nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{nodes: [a]}]}]");
         assert!(e.contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
+    fn waypoints_are_placed_after_every_workload_and_checked() {
+        let t = Topology::from_yaml(
+            r#"
+nodes: [{ name: a }, { name: b }]
+namespaces:
+  - name: ns
+    waypoints: [{ name: wp, nodes: [b, a], waypointFor: all }]
+    workloads: [{ name: w, nodes: [a, b] }]
+  - name: other
+    workloads: [{ name: x, nodes: [a] }]
+"#,
+        )
+        .unwrap();
+        let r = t.resolve().unwrap();
+        let pods: Vec<_> = r
+            .pods
+            .iter()
+            .map(|p| format!("{}/{}@{}={}", p.namespace, p.name, p.node, p.ip))
+            .collect();
+        assert_eq!(
+            pods,
+            [
+                "ns/w-0@a=10.244.1.2",
+                "ns/w-1@b=10.244.2.2",
+                "other/x-0@a=10.244.1.3",
+                "ns/wp-0@b=10.244.2.3",
+                "ns/wp-1@a=10.244.1.4",
+            ]
+        );
+        assert_eq!(r.pods[3].owner, PodOwner::Waypoint(0));
+        assert!(t.workload(&r.pods[3]).is_none());
+        assert_eq!(t.waypoint(&r.pods[3]).unwrap().name, "wp");
+
+        let cases = [
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: []}]}]",
+                "`namespaces[0].waypoints[0].nodes`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: [b]}]}]",
+                "`namespaces[0].waypoints[0].nodes[0]`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: [a], waypointFor: everything}]}]",
+                "`namespaces[0].waypoints[0].waypointFor`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: [a]}, {name: wp, nodes: [a]}]}]",
+                "`namespaces[0].waypoints[1].name`",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, workloads: [{name: wp, nodes: [a]}], waypoints: [{name: wp, nodes: [a]}]}]",
+                "taken by a workload",
+            ),
+            (
+                "nodes: [{name: a}]\nnamespaces: [{name: x, services: [{name: s, selector: {a: b}, labels: {'a/b/c': x}, ports: [{name: p, port: 1}]}]}]",
+                "`namespaces[0].services[0].labels.a/b/c`",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = err_text(yaml);
+            assert!(e.contains(want), "{yaml}\n  gave: {e}\n  want: {want}");
+        }
     }
 }
