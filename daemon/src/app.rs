@@ -402,6 +402,7 @@ fn dump_route(flags: Config, sources: Arc<OnceLock<DumpSources>>) -> Route {
             "peerAuthentications": count(ResourceKind::PeerAuthentication),
             "configVersion": state.version,
             "pods": s.pods.dump(),
+            "nodePods": s.pods.node_pods_dump(),
             "certificates": s.certs.snapshot(),
             "capture": s.capture.status().map_err(|e| error_chain(&e)),
             "subscription": s.subscription.status(),

@@ -122,6 +122,32 @@ pub enum EnrollError {
         #[source]
         source: CaptureError,
     },
+    /// The pod's network namespace could not be opened or read.
+    #[error("network namespace of pod {pod}")]
+    Netns {
+        /// The pod.
+        pod: PodRef,
+        /// What failed.
+        #[source]
+        source: crate::netns::NetnsError,
+    },
+    /// The pod's netns path names another namespace than at its ADD: the pod is gone
+    /// (without a DEL) and the path was reused. Nothing was captured.
+    #[error(
+        "the network namespace {} of pod {pod} is not the pod's any more (cookie {found}, \
+         {expected} at its ADD)",
+        netns.display()
+    )]
+    NetnsReused {
+        /// The pod.
+        pod: PodRef,
+        /// The path.
+        netns: PathBuf,
+        /// The namespace cookie at ADD.
+        expected: u64,
+        /// The cookie found now.
+        found: u64,
+    },
     /// The pod has no IPv4 address among those the plugin reported (capture is
     /// IPv4-only).
     #[error("pod {pod} has no IPv4 address (capture is IPv4-only)")]

@@ -128,7 +128,7 @@ impl PodProxy {
             let preserve_source = match routing {
                 Ok(Ok(())) => true,
                 Ok(Err(error)) => {
-                    tracing::warn!(pod = %handle.pod().name, %error, "no delivery routing; the app will not see client IPs");
+                    tracing::warn!(pod = %handle.pod().name, error = %error_chain(&error), "no delivery routing; the app will not see client IPs");
                     false
                 }
                 Err(error) => {
