@@ -63,7 +63,11 @@ fn daemon(cluster: &Cluster, node: &str) -> DaemonInfo {
 /// `GET path` on a daemon's admin (or metrics) server, from its node.
 fn daemon_get(cluster: &Cluster, node: &str, metrics: bool, path: &str) -> anyhow::Result<String> {
     let d = daemon(cluster, node);
-    let addr = SocketAddr::V4(if metrics { d.metrics_addr } else { d.admin_addr });
+    let addr = SocketAddr::V4(if metrics {
+        d.metrics_addr
+    } else {
+        d.admin_addr
+    });
     let (code, body) = cluster.http_get(&Place::Node(node.to_owned()), addr, path)?;
     ensure!(code == 200, "{path} on {node}: {code} {body}");
     Ok(body)
