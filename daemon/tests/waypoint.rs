@@ -88,6 +88,36 @@ fn call_with_header(
     Ok((status, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// The waypoint's `/metrics`.
+fn waypoint_metrics(cluster: &Cluster) -> String {
+    let mesh = cluster.status().mesh.unwrap();
+    let w = mesh.waypoints.first().unwrap();
+    let (code, body) = cluster
+        .http_get(
+            &Place::Pod(w.pod.clone()),
+            SocketAddr::V4(w.metrics_addr),
+            "/metrics",
+        )
+        .unwrap();
+    assert_eq!(code, 200, "waypoint /metrics: {body}");
+    body
+}
+
+/// `istio_requests_total` the waypoint counted from checkout to the payment Service
+/// with `response_code`.
+fn waypoint_requests_from_checkout(cluster: &Cluster, response_code: u16) -> u64 {
+    waypoint_metrics(cluster)
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(&format!("destination_service=\"{PAYMENT_HOST}\""))
+                && l.contains("source_principal=\"cluster.local/ns/production/sa/checkout\"")
+                && l.contains(&format!("response_code=\"{response_code}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn daemon_metrics(cluster: &Cluster, node: &str) -> String {
     let mesh = cluster.status().mesh.unwrap();
     let d = mesh.daemons.iter().find(|d| d.node == node).unwrap();
@@ -153,9 +183,23 @@ fn a_labelled_service_is_reached_through_its_waypoint_and_never_around_it() {
         });
         // Other requests pass the waypoint to the app, which still sees checkout
         // (the destination daemon trusts its waypoint's `Forwarded`).
+        let ok_before = waypoint_requests_from_checkout(&cluster, 200);
         let answer = call(&cluster, "production/checkout-0", &vip_url).unwrap();
         assert!(answer.to_string().contains("payment"), "{answer}");
         assert_eq!(peer_ip(&answer), checkout, "{answer}");
+        // The waypoint's own telemetry has both, with checkout's identity (recorded
+        // as the response ends: polled).
+        eventually("the waypoint's request metrics", || {
+            let (aborted, ok) = (
+                waypoint_requests_from_checkout(&cluster, 418),
+                waypoint_requests_from_checkout(&cluster, 200),
+            );
+            ensure!(
+                aborted >= 1 && ok > ok_before,
+                "418: {aborted}, 200: {ok_before} → {ok}"
+            );
+            Ok(())
+        });
 
         // Bypass: the pods behind the waypoint refuse checkout on the Service's
         // target ports, by pod IP on either node.
