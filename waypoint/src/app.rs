@@ -266,6 +266,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     ];
 
     let subscription = Arc::new(subscription);
+    let metrics_addr = metrics.local_addr();
     let dump = {
         let subscription = Arc::clone(&subscription);
         let flags = config.clone();
@@ -275,6 +276,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             let state = state.borrow().clone();
             serde_json::json!({
                 "config": &flags,
+                "listeners": {"hbone": hbone_addr, "metrics": metrics_addr},
                 "identity": identity.to_string(),
                 "configVersion": state.version,
                 "configSource": state.source,
@@ -288,7 +290,6 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         .await
         .map_err(BuildError::Admin)?;
 
-    let metrics_addr = metrics.local_addr();
     tracing::info!(%metrics_addr, %hbone_addr, %identity, "waypoint bound");
     Ok(Bound {
         admin,

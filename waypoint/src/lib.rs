@@ -1,27 +1,34 @@
-//! The waypoint's L7 routing core, independent of the transport.
-//!
-//! The request path is a stack of `tower` layers (STYLE §3):
+//! The waypoint: an L7 proxy between HBONE tunnels (DESIGN §4).
 //!
 //! ```text
-//! Router (route selection, redirect / direct response, rewrite, header modifiers,
-//!         weighted destination)
-//!   └─ Fault (delay, then abort)
-//!       └─ Timeout (whole request, 504)
-//!           └─ Retry (per-try timeout, retry conditions, backoff, body replay)
-//!               └─ upstream: any `tower::Service<http::Request<ProxyBody>>`
+//! app (controller subscription, certificate, admin/metrics, drain)
+//!   └─ inbound::DataPlane — HBONE server (mTLS with the waypoint's identity)
+//!       CONNECT target must be a fronted Service VIP:port or a bound pod (else 400)
+//!       ├─ TCP (declared, or not HTTP on the first bytes): L4 authorization, an
+//!       │   endpoint over HBONE, bytes copied
+//!       └─ HTTP/1.1, HTTP/2, gRPC (hyper) — per request, a tower stack:
+//!           Telemetry (metrics, access log, trace context)
+//!             └─ authorization (targetRefs policies; 403)
+//!                 └─ Router (route selection, redirect / direct response, rewrite,
+//!                     header modifiers, weighted destination)
+//!                     └─ Fault (delay, then abort)
+//!                         └─ Timeout (whole request, 504)
+//!                             └─ Retry (per-try timeout, conditions, backoff, replay)
+//!                                 └─ Pool (connectionPool limits, 503 UO)
+//!                                     └─ upstream::HttpUpstream (endpoint choice with
+//!                                         outlier detection and previous-host
+//!                                         avoidance; HBONE, reused connections)
 //! ```
 //!
-//! The router compiles a proto [`RouteSet`](ambit_api::config::v1::RouteSet) with
-//! [`routes::RouteTable::try_from_proto`] and passes each forwarded request's policies
-//! down as request extensions ([`fault::FaultPolicy`], [`timeout::RequestTimeout`],
+//! Configuration arrives as controller resources and is compiled into an immutable
+//! [`snapshot::Snapshot`] per change; each connection and request takes the current
+//! one. The router passes each forwarded request's policies down as request
+//! extensions ([`fault::FaultPolicy`], [`timeout::RequestTimeout`],
 //! [`retry::RetryPolicy`], [`router::Destination`]), so every layer also works on its
-//! own. Endpoint choice within a destination (subsets and load balancing) lives in
-//! [`balance`], for the upstream to apply.
+//! own; [`context::RequestContext`] carries the caller and the snapshot.
 //!
 //! Not here yet (issue 5): sending mirrors (compiled into
-//! [`routes::Forward::mirrors`], never sent), connection-pool limits and outlier
-//! detection from the DestinationPolicy, L7 authorization, telemetry, and the HBONE
-//! listener and upstream this stack plugs between.
+//! [`routes::Forward::mirrors`], never sent), WebSocket / `Upgrade` requests.
 #![forbid(unsafe_code)]
 
 pub mod app;

@@ -2,7 +2,7 @@
 //! and send the request on a reused HTTP connection.
 //!
 //! - **Endpoint choice**: the router's [`Destination`] names a service, port and
-//!   subset; the snapshot's [`EndpointSet`](crate::snapshot::EndpointSet) balances
+//!   subset; the snapshot's [`EndpointSet`] balances
 //!   over that subset's healthy endpoints. A retry avoids the endpoints earlier tries
 //!   of the same request used when another one is available (Envoy's
 //!   `previous_hosts` predicate, which Istio enables): with one of two endpoints
