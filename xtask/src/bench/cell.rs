@@ -467,7 +467,7 @@ pub fn run_pods(
         control_plane_rss_mib: None,
         per_process: BTreeMap::new(),
     };
-    if let Err(e) = pods_cell(env, mode, pods, round, &mut result) {
+    if let Err(e) = pods_cell(env, mode, pods, &mut result) {
         result.error = Some(format!("{e:#}"));
         result.data_plane_rss_mib = None;
         result.control_plane_rss_mib = None;
@@ -479,24 +479,29 @@ pub fn run_pods(
     result
 }
 
-fn pods_cell(
-    env: &Env,
-    mode: Mode,
-    pods: usize,
-    round: u32,
-    r: &mut PodsResult,
-) -> anyhow::Result<()> {
+fn pods_cell(env: &Env, mode: Mode, pods: usize, r: &mut PodsResult) -> anyhow::Result<()> {
     let name = cluster_name(env, &format!("p{pods}-{}", mode.id()))?;
     r.cluster = name.to_string();
-    let _ = round;
     let cluster = mode.up(options(env, name), &topology::with_pods(pods)?, &env.mesh)?;
-    mode.wait_ready(&cluster, READY_TIMEOUT)?;
-    let procs = mode.mesh_processes(&cluster)?;
+    if let Err(e) = pods_measure(mode, &cluster, r) {
+        if let Some(dir) = &env.logs_dir {
+            // The error says what failed; the logs say why.
+            let _ = keep_logs(&cluster, dir);
+        }
+        return Err(e);
+    }
+    cluster.down().context("tearing the cluster down")?;
+    Ok(())
+}
+
+fn pods_measure(mode: Mode, cluster: &Cluster, r: &mut PodsResult) -> anyhow::Result<()> {
+    mode.wait_ready(cluster, READY_TIMEOUT)?;
+    let procs = mode.mesh_processes(cluster)?;
     // One request proves the pods are reachable through the mode's path.
     let ip = cluster.pod(&topology::server_pod())?.ip;
-    let before = mode.counters(&cluster)?;
+    let before = mode.counters(cluster)?;
     let s: Summary = echo_json(
-        &cluster,
+        cluster,
         &strings(&[
             "load",
             "--url",
@@ -507,7 +512,7 @@ fn pods_cell(
     )?;
     load_expect(&s, 0)?;
     mode.verify_path(
-        &cluster,
+        cluster,
         "pods",
         &before,
         Expect {
@@ -530,7 +535,6 @@ fn pods_cell(
     }
     r.data_plane_rss_mib = Some(data as f64 / MIB);
     r.control_plane_rss_mib = Some(control as f64 / MIB);
-    cluster.down().context("tearing the cluster down")?;
     Ok(())
 }
 

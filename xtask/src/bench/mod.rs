@@ -167,7 +167,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         logs_dir: Some(out.join("logs")),
         test_names: false,
     };
+    let measuring = std::time::Instant::now();
     let (cells, pods) = execute(&env, &selected, None);
+    let measure_seconds = measuring.elapsed().as_secs_f64();
 
     let build = if args.debug || args.bin_dir.is_some() {
         format!(
@@ -183,6 +185,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let meta = report::meta(
         &build,
+        measure_seconds,
         started.elapsed().as_secs_f64(),
         command.trim().to_owned(),
     );
@@ -422,7 +425,7 @@ mod tests {
         }
 
         // The report renders every mode, the unavailable ones as such.
-        let meta = report::meta("debug (test)", 0.0, "test".into());
+        let meta = report::meta("debug (test)", 0.0, 0.0, "test".into());
         let rep = report::Report::new(meta, env.plan.clone(), &selected, cells, pods);
         let md = rep.markdown();
         assert!(md.contains("sidecar L4 | not available yet"), "{md}");

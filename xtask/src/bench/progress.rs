@@ -95,8 +95,9 @@ impl Progress {
         let fraction = (self.done / self.total).clamp(0.0, 1.0);
         let filled = (fraction * WIDTH as f64).round() as usize;
         let elapsed = self.started.elapsed().as_secs_f64();
-        // Scale the plan's estimate by how fast the run has gone so far.
-        let left = if self.done > 0.0 {
+        // Scale the plan's estimate by how fast the run has gone so far, once enough
+        // has been done for that pace to mean something.
+        let left = if fraction >= 0.1 {
             (self.total - self.done).max(0.0) * elapsed / self.done
         } else {
             self.total

@@ -148,6 +148,9 @@ pub struct Meta {
     pub kernel: String,
     pub git: String,
     pub build: String,
+    /// Wall time of the measurements.
+    pub measure_seconds: f64,
+    /// Wall time of the whole command (set-up and build included).
     pub seconds: f64,
     pub command: String,
 }
@@ -303,7 +306,7 @@ impl Report {
         let _ = writeln!(md, "# Ambit benchmark report\n");
         let _ = writeln!(
             md,
-            "{} · {} · Linux {} · commit {} · {} build · {} plan, {} round(s) · {}\n",
+            "{} · {} · Linux {} · commit {} · build: {} · {} plan, {} round(s) · measured in {} ({} with set-up and build)\n",
             m.date,
             m.machine,
             m.kernel,
@@ -314,6 +317,7 @@ impl Report {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             self.plan.rounds,
+            super::progress::fmt_duration(m.measure_seconds),
             super::progress::fmt_duration(m.seconds),
         );
         let _ = writeln!(md, "Command: `{}`\n", m.command);
@@ -428,9 +432,23 @@ impl Report {
                     continue;
                 };
                 let x = r.median;
+                if (x - 1.0).abs() < 0.01 {
+                    continue;
+                }
+                // A range of per-round ratios that reaches ×1 means some round saw
+                // no cost at all: within the noise, not a finding.
+                let doubt = if r.min <= 1.0 && r.max >= 1.0 {
+                    ", rounds range from ×".to_owned()
+                        + &fmt(r.min)
+                        + " to ×"
+                        + &fmt(r.max)
+                        + ": within noise"
+                } else {
+                    String::new()
+                };
                 if f.higher_is_better && x < 1.0 {
                     worse.push(format!(
-                        "{} {}: ×{} ({:.0}% less)",
+                        "{} {}: ×{} ({:.0}% less{doubt})",
                         group_short(f.group),
                         f.label,
                         fmt(x),
@@ -438,7 +456,7 @@ impl Report {
                     ));
                 } else if !f.higher_is_better && x > 1.0 {
                     worse.push(format!(
-                        "{} {}: ×{} ({:.0}% more)",
+                        "{} {}: ×{} ({:.0}% more{doubt})",
                         group_short(f.group),
                         f.label,
                         fmt(x),
@@ -567,37 +585,26 @@ impl Report {
             &self.series(&["tput_1", "tput_4"]),
             &absent,
         );
-        // Both latency panels in one file would need two scales; TCP in µs, HTTP in ms
-        // share one chart by plotting milliseconds.
-        let mut lat = self.series(&[
-            "tcp_rr_p50",
-            "tcp_rr_p90",
-            "tcp_rr_p99",
-            "http_p50",
-            "http_p90",
-            "http_p99",
-        ]);
-        for s in &mut lat {
-            for v in s.values.iter_mut().take(3).flatten() {
-                v.median /= 1000.0;
-                v.min /= 1000.0;
-                v.max /= 1000.0;
-            }
-        }
-        let latency = svg::bars(
-            "Latency percentiles by mode",
-            "milliseconds",
-            &[
-                "TCP RR p50".into(),
-                "TCP RR p90".into(),
-                "TCP RR p99".into(),
-                format!("HTTP {} rps p50", p.http_rate),
-                "HTTP p90".into(),
-                "HTTP p99".into(),
-            ],
-            &lat,
+        // TCP round trips are tens of microseconds, HTTP latencies milliseconds: two
+        // panels with their own scales, stacked in one file.
+        let tcp = svg::bars(
+            &format!("TCP round trip, {} B, one connection", p.rr_size),
+            "microseconds",
+            &["p50".into(), "p90".into(), "p99".into()],
+            &self.series(&["tcp_rr_p50", "tcp_rr_p90", "tcp_rr_p99"]),
             &absent,
         );
+        let http = svg::bars(
+            &format!(
+                "HTTP {} B request/response at {} req/s, open loop",
+                p.http_body, p.http_rate
+            ),
+            "milliseconds",
+            &["p50".into(), "p90".into(), "p99".into()],
+            &self.series(&["http_p50", "http_p90", "http_p99"]),
+            &absent,
+        );
+        let latency = svg::stack(&[tcp, http]);
         let xs: Vec<f64> = p.pod_counts.iter().map(|n| *n as f64).collect();
         let mem_series: Vec<Series> = self
             .measured()
@@ -696,7 +703,7 @@ fn summarize(cells: &[CellResult]) -> BTreeMap<Mode, BTreeMap<String, FigureSumm
 }
 
 /// The date, machine, kernel and commit of this run.
-pub fn meta(build: &str, seconds: f64, command: String) -> Meta {
+pub fn meta(build: &str, measure_seconds: f64, seconds: f64, command: String) -> Meta {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -723,6 +730,7 @@ pub fn meta(build: &str, seconds: f64, command: String) -> Meta {
         kernel,
         git: git_describe(),
         build: build.to_owned(),
+        measure_seconds,
         seconds,
         command,
     }
@@ -844,7 +852,7 @@ mod tests {
             Mode::AmbientL4,
             &cells.iter().map(|(k, v)| (*k, v * 2.0)).collect::<Vec<_>>(),
         );
-        let meta = meta("release", 12.0, "cargo xtask bench --smoke".into());
+        let meta = meta("release", 10.0, 12.0, "cargo xtask bench --smoke".into());
         let report = Report::new(
             meta,
             plan,

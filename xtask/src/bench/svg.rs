@@ -30,6 +30,34 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// A tick label: as few decimals as the value needs (`0.25`, `2.5`, `10`).
+fn tick(v: f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Stacks complete charts vertically into one SVG.
+pub fn stack(charts: &[String]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}">"##,
+        h = H * charts.len() as f64,
+    );
+    for (i, c) in charts.iter().enumerate() {
+        // A nested <svg> takes its position from x/y.
+        let inner = c.replacen("<svg ", &format!("<svg y=\"{}\" ", H * i as f64), 1);
+        out.push_str(&inner);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 /// A "nice" upper bound for an axis and its tick step.
 fn axis(max: f64) -> (f64, f64) {
     if max <= 0.0 || !max.is_finite() {
@@ -68,7 +96,7 @@ fn frame(out: &mut String, title: &str, unit: &str, top: f64, step: f64) {
             x2 = W - RIGHT,
             tx = LEFT - 6.0,
             ty = y + 4.0,
-            l = fmt(v),
+            l = tick(v),
         );
         v += step;
     }
@@ -196,7 +224,7 @@ pub fn lines(
             r##"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"##,
             px(*x),
             H - BOTTOM + 18.0,
-            fmt(*x)
+            tick(*x)
         );
     }
     let _ = writeln!(
@@ -250,6 +278,22 @@ mod tests {
 
     fn st(m: f64) -> Option<Stat> {
         Stat::of(&[m * 0.9, m, m * 1.1])
+    }
+
+    #[test]
+    fn ticks_are_short() {
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(10.0), "10");
+        assert_eq!(tick(0.25), "0.25");
+        assert_eq!(tick(0.0), "0");
+    }
+
+    #[test]
+    fn stacked_charts_are_offset() {
+        let a = bars("a", "u", &["g".into()], &[], &[]);
+        let both = stack(&[a.clone(), a]);
+        assert!(both.contains("<svg y=\"0\" ") && both.contains(&format!("<svg y=\"{H}\" ")));
+        assert_eq!(both.matches("</svg>").count(), 3);
     }
 
     #[test]
