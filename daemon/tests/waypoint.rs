@@ -132,6 +132,24 @@ fn daemon_metrics(cluster: &Cluster, node: &str) -> String {
     body
 }
 
+/// `istio_tcp_connections_opened_total` reported by the destination daemons (both
+/// nodes) for the payment Service from service account `source_sa`.
+fn destination_opened(cluster: &Cluster, source_sa: &str) -> u64 {
+    let metrics = daemon_metrics(cluster, "node-1") + &daemon_metrics(cluster, "node-2");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!(
+                    "source_principal=\"cluster.local/ns/production/sa/{source_sa}\""
+                ))
+                && l.contains(&format!("destination_service=\"{PAYMENT_HOST}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn eventually<T>(what: &str, check: impl FnMut() -> anyhow::Result<T>) -> T {
     ambit_test_support::eventually(what, CONFIG_DEADLINE, POLL, check)
         .unwrap_or_else(|e| panic!("{e:#}"))
@@ -171,6 +189,12 @@ fn a_labelled_service_is_reached_through_its_waypoint_and_never_around_it() {
             call_with_header(&cluster, "production/checkout-0", &vip_url, TEAPOT_HEADER).unwrap();
         assert_eq!(status, 200);
         call(&cluster, "production/checkout-0", &pod_url).unwrap();
+
+        let direct_opened = eventually("destination metrics of the direct calls", || {
+            let n = destination_opened(&cluster, "checkout");
+            ensure!(n >= 2, "{n} connections from checkout");
+            Ok(n)
+        });
 
         cluster
             .label_service("production/payment", USE_WAYPOINT, Some("waypoint"))
@@ -220,18 +244,17 @@ fn a_labelled_service_is_reached_through_its_waypoint_and_never_around_it() {
             call(&cluster, "production/checkout-0", &vip_url).unwrap();
         }
 
-        // A destination daemon reports the original client and the Service.
-        let metrics = daemon_metrics(&cluster, "node-1") + &daemon_metrics(&cluster, "node-2");
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
-                    && l.contains("reporter=\"destination\"")
-                    && l.contains("source_workload=\"checkout\"")
-                    && l.contains("source_principal=\"cluster.local/ns/production/sa/checkout\"")
-                    && l.contains(&format!("destination_service=\"{PAYMENT_HOST}\""))),
-            "{metrics}"
-        );
+        // The destination daemons count the waypoint's tunnels under the original
+        // client it vouches for, with the Service: never under the waypoint.
+        eventually("destination metrics of the waypoint's tunnels", || {
+            let from_checkout = destination_opened(&cluster, "checkout");
+            ensure!(
+                from_checkout > direct_opened,
+                "opened from checkout: {direct_opened} → {from_checkout}"
+            );
+            Ok(())
+        });
+        assert_eq!(destination_opened(&cluster, "waypoint"), 0);
         // The source daemon reports the waypoint as the peer reached.
         let metrics = daemon_metrics(&cluster, "node-1");
         assert!(

@@ -1,12 +1,25 @@
 //! The per-pod L4 proxies: straight-line async code, accept → resolve/authorize →
 //! connect → copy.
 //!
-//! - outbound (15001): original destination → Service VIP resolved to an endpoint →
-//!   HBONE to a meshed destination (presenting the pod's certificate, expecting the
-//!   destination's identity), plain TCP from the pod otherwise;
-//! - inbound HBONE (15008): the CONNECT target must be this pod; L4 policy with the
-//!   client's certificate identity; then the app is connected;
-//! - inbound plaintext (15006): refused under STRICT, else L4 policy without identity.
+//! - outbound (15001): original destination → through the destination's waypoint
+//!   when it has one (HBONE to the waypoint, `:authority` = the original destination;
+//!   refused when no waypoint instance is healthy), else Service VIP resolved to an
+//!   endpoint → HBONE to a meshed destination (presenting the pod's certificate,
+//!   expecting the destination's identity), plain TCP from the pod otherwise (see
+//!   [`snapshot`] for the rules);
+//! - inbound HBONE (15008): the CONNECT target must be this pod; a pod fronted by a
+//!   waypoint on that port accepts only that waypoint; L4 policy with the peer's
+//!   certificate identity; then the app is connected (from the original client's IP
+//!   named in `Forwarded` when the peer is the pod's waypoint, else the peer's);
+//! - inbound plaintext (15006): refused for waypoint-fronted ports and under STRICT,
+//!   else L4 policy without identity.
+//!
+//! Metrics (`istio_tcp_*`): for a tunnel from the pod's waypoint the destination
+//! reports the original client (by its `Forwarded` address) as `source_workload` and
+//! `source_principal` — the waypoint authenticated it on its own inbound, like Istio
+//! derives them from the waypoint's headers; `destination_service` is the first
+//! Service selecting the pod on the target port. Byte counts include what was moved
+//! before a copy ended with an error.
 //!
 //! The app is connected from the pod's netns with a transparent socket bound to the
 //! client's IP (see [`delivery`]); when the pod's delivery routing cannot be set up,
