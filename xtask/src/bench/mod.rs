@@ -98,6 +98,27 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 /// Runs the benchmark and writes the report.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let selected: Vec<Mode> = if args.modes.is_empty() {
+        Mode::ALL.to_vec()
+    } else {
+        args.modes.clone()
+    };
+    if !selected.iter().any(|m| m.availability().is_ok()) {
+        let ids: Vec<&str> = selected.iter().map(|m| m.id()).collect();
+        bail!(
+            "none of the selected modes ({}) is available yet; available: {}",
+            ids.join(", "),
+            Mode::ALL
+                .iter()
+                .filter(|m| m.availability().is_ok())
+                .map(|m| m.id())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !selected.contains(&Mode::NoMesh) {
+        eprintln!("! no-mesh is not selected: the report will have no ratios to the baseline");
+    }
     setup::run(&setup::SetupArgs::default())?;
     let target = target_dir();
     let profile_dir = if args.debug { "debug" } else { "release" };
@@ -144,14 +165,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.no_pods {
         plan.pod_counts.clear();
-    }
-    let selected: Vec<Mode> = if args.modes.is_empty() {
-        Mode::ALL.to_vec()
-    } else {
-        args.modes.clone()
-    };
-    if !selected.contains(&Mode::NoMesh) {
-        eprintln!("! no-mesh is not selected: the report will have no ratios to the baseline");
     }
     sweep_leftovers(&args.state_root)?;
 
