@@ -3,7 +3,8 @@
 //! labelled `ambit.dev/use-waypoint` is reached through the waypoint (its L7 routes
 //! apply: a VirtualService fault answers 418; the app still sees the original
 //! client), its pods cannot be reached around it (bypass refused by the destination
-//! daemon), and removing the label restores direct traffic.
+//! daemon), a missing waypoint refuses the traffic (fail closed), and removing the
+//! label restores direct traffic.
 //!
 //! Needs root (eBPF, netns, mounts) and the workspace binaries (`ambit-node`,
 //! `ambit-controller`, `ambit-cni`, `ambit-echo`, `ambit-waypoint`); fails, never
@@ -268,6 +269,18 @@ fn a_labelled_service_is_reached_through_its_waypoint_and_never_around_it() {
                     && l.contains(&format!("destination_service=\"{PAYMENT_HOST}\""))),
             "{metrics}"
         );
+
+        // A waypoint that does not exist: refused (fail closed), never sent direct.
+        cluster
+            .label_service("production/payment", USE_WAYPOINT, Some("missing"))
+            .unwrap();
+        eventually("VIP calls refused for a missing waypoint", || {
+            match call(&cluster, "production/checkout-0", &vip_url) {
+                Ok(answer) => bail!("answered without its waypoint: {answer}"),
+                Err(_) => Ok(()),
+            }
+        });
+        assert!(call(&cluster, "production/checkout-0", &pod_url).is_err());
 
         // Removing the label restores direct traffic, and the waypoint is left out.
         cluster
