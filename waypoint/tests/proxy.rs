@@ -37,6 +37,7 @@ use ambit_waypoint::snapshot::{ObjectName, Snapshot, SnapshotShared};
 use ambit_waypoint::telemetry::{AccessLog, RequestMetrics, TelemetryLayer};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body::Frame;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -54,6 +55,7 @@ const HTTP_PORT: u16 = 80;
 const SNIFF_HTTP_PORT: u16 = 8000;
 const TCP_PORT: u16 = 9090;
 const SNIFF_TCP_PORT: u16 = 7070;
+const GRPC_PORT: u16 = 50051;
 const APP_HTTP: u16 = 8080;
 const APP_TCP: u16 = 9090;
 /// Polling interval for conditions.
@@ -102,36 +104,91 @@ struct Backend {
     name: &'static str,
     ip: IpAddr,
     hbone: ServerHandle,
-    /// HTTP requests the app answered.
-    calls: Arc<AtomicUsize>,
-    /// Status the app answers with.
-    status: Arc<AtomicU16>,
-    /// Delay before the app answers, in milliseconds.
-    delay_ms: Arc<AtomicUsize>,
+    /// How the app answers (and how often it did).
+    app: Behaviour,
     /// CONNECTs the HBONE server accepted.
     connects: Arc<Mutex<Vec<InboundRequest>>>,
 }
 
-async fn http_app(
-    name: &'static str,
+/// How a backend app answers.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// HTTP requests answered.
     calls: Arc<AtomicUsize>,
+    /// Status of plain HTTP answers (200 unless set).
     status: Arc<AtomicU16>,
+    /// Delay before answering, in milliseconds.
     delay_ms: Arc<AtomicUsize>,
-) -> SocketAddr {
+    /// gRPC calls still to answer with `unavailable` (14) in the trailers.
+    grpc_unavailable: Arc<AtomicUsize>,
+}
+
+/// A response body of fixed frames (data, then trailers).
+struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// A gRPC answer: one message, then `grpc-status` in the trailers.
+fn grpc_answer(name: &str, grpc_status: u32) -> Response<Frames> {
+    let message = Bytes::from(name.to_owned());
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", grpc_status.into());
+    let mut r = Response::new(Frames(
+        [Frame::data(Bytes::from(framed)), Frame::trailers(trailers)].into(),
+    ));
+    r.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    r
+}
+
+async fn http_app(name: &'static str, behaviour: Behaviour) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (calls, status, delay_ms) = (calls.clone(), status.clone(), delay_ms.clone());
+            let behaviour = behaviour.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (calls, status, delay_ms) =
-                        (calls.clone(), status.clone(), delay_ms.clone());
+                    let Behaviour {
+                        calls,
+                        status,
+                        delay_ms,
+                        grpc_unavailable,
+                    } = behaviour.clone();
                     async move {
                         calls.fetch_add(1, Ordering::SeqCst);
                         let delay = delay_ms.load(Ordering::SeqCst) as u64;
                         if delay > 0 {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        if grpc {
+                            let fail = grpc_unavailable
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok();
+                            let mut r = grpc_answer(name, if fail { 14 } else { 0 });
+                            r.headers_mut().insert("x-backend", name.parse().unwrap());
+                            r.headers_mut()
+                                .insert("x-path", req.uri().path().parse().unwrap());
+                            return Ok::<_, Infallible>(r);
                         }
                         let body = format!(
                             "{name} {} {} {:?}",
@@ -139,14 +196,14 @@ async fn http_app(
                             req.uri().path(),
                             req.version()
                         );
-                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        let mut r = Response::new(Frames([Frame::data(Bytes::from(body))].into()));
                         *r.status_mut() =
                             StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
                         r.headers_mut().insert("x-backend", name.parse().unwrap());
                         if let Some(v) = req.headers().get("x-added") {
                             r.headers_mut().insert("x-saw-added", v.clone());
                         }
-                        Ok::<_, Infallible>(r)
+                        Ok(r)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -176,10 +233,11 @@ async fn tcp_echo() -> SocketAddr {
 
 impl Backend {
     async fn start(ca: &Ca, name: &'static str, ip: &str, presents: &str) -> Self {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let status = Arc::new(AtomicU16::new(200));
-        let delay_ms = Arc::new(AtomicUsize::new(0));
-        let app = http_app(name, calls.clone(), status.clone(), delay_ms.clone()).await;
+        let behaviour = Behaviour {
+            status: Arc::new(AtomicU16::new(200)),
+            ..Behaviour::default()
+        };
+        let app = http_app(name, behaviour.clone()).await;
         let echo = tcp_echo().await;
         let connects = Arc::new(Mutex::new(Vec::new()));
         let seen = connects.clone();
@@ -211,15 +269,13 @@ impl Backend {
             name,
             ip: ip.parse().unwrap(),
             hbone,
-            calls,
-            status,
-            delay_ms,
+            app: behaviour,
             connects,
         }
     }
 
     fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
+        self.app.calls.load(Ordering::SeqCst)
     }
 }
 
@@ -280,6 +336,15 @@ fn workload(name: &str, ip: &str, sa: &str, labels: &[(&str, &str)]) -> Resource
     }))
 }
 
+/// The workload with its traffic bound to the waypoint (pod-level `use-waypoint`).
+fn bound(mut r: Resource) -> Resource {
+    if let Some(Kind::Workload(w)) = &mut r.kind {
+        w.waypoint = Some(waypoint_ref());
+        r = Resource::new(Kind::Workload(w.clone()));
+    }
+    r
+}
+
 fn port(port: u16, target: u16, protocol: AppProtocol) -> pb::ServicePort {
     pb::ServicePort {
         name: format!("p{port}"),
@@ -324,12 +389,12 @@ fn cluster() -> Vec<Resource> {
             "payment",
             &[("app", "payment"), ("version", "v1")],
         ),
-        workload(
+        bound(workload(
             "payment-v2",
             "10.244.1.3",
             "payment",
             &[("app", "payment"), ("version", "v2")],
-        ),
+        )),
         workload("reviews-1", "10.244.1.4", "reviews", &[("app", "reviews")]),
         service(
             "payment",
@@ -339,6 +404,7 @@ fn cluster() -> Vec<Resource> {
                 port(SNIFF_HTTP_PORT, APP_HTTP, AppProtocol::Unspecified),
                 port(TCP_PORT, APP_TCP, AppProtocol::Tcp),
                 port(SNIFF_TCP_PORT, APP_TCP, AppProtocol::Unspecified),
+                port(GRPC_PORT, APP_HTTP, AppProtocol::Grpc),
             ],
             &["payment-v1", "payment-v2"],
             true,
@@ -533,7 +599,12 @@ impl Setup {
 
     /// An HTTP/1.1 client on a tunnel to the payment VIP's `port`.
     async fn http1(&self, port: u16) -> Http1 {
-        let stream = self.tunnel(vip(PAYMENT_VIP, port)).await.unwrap();
+        self.http1_to(vip(PAYMENT_VIP, port)).await
+    }
+
+    /// An HTTP/1.1 client on a tunnel to `target`.
+    async fn http1_to(&self, target: SocketAddr) -> Http1 {
+        let stream = self.tunnel(target).await.unwrap();
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
@@ -788,6 +859,7 @@ async fn retry_prefers_another_endpoint_when_one_fails() {
     .await;
     setup
         .backend("payment-v1")
+        .app
         .status
         .store(503, Ordering::SeqCst);
     let mut client = setup.http1(HTTP_PORT).await;
@@ -830,7 +902,7 @@ async fn timeout_answers_504_within_the_budget() {
     )
     .await;
     for b in &setup.backends {
-        b.delay_ms.store(10_000, Ordering::SeqCst);
+        b.app.delay_ms.store(10_000, Ordering::SeqCst);
     }
     let mut client = setup.http1(HTTP_PORT).await;
     let start = Instant::now();
@@ -1091,6 +1163,7 @@ async fn a_failing_endpoint_is_ejected_and_others_take_the_traffic() {
     .await;
     setup
         .backend("payment-v1")
+        .app
         .status
         .store(500, Ordering::SeqCst);
     let mut client = setup.http1(HTTP_PORT).await;
@@ -1120,7 +1193,7 @@ async fn a_full_connection_pool_answers_503_without_reaching_the_backend() {
     )
     .await;
     for b in &setup.backends {
-        b.delay_ms.store(10_000, Ordering::SeqCst);
+        b.app.delay_ms.store(10_000, Ordering::SeqCst);
     }
     // One request occupies the only slot…
     let mut slow = setup.http1(HTTP_PORT).await;
@@ -1150,4 +1223,87 @@ async fn a_full_connection_pool_answers_503_without_reaching_the_backend() {
     assert_eq!(a.headers.get("x-envoy-overloaded").unwrap(), "true");
     assert_eq!(busy(), 1);
     held.abort();
+}
+
+#[tokio::test]
+async fn grpc_is_routed_by_method_and_retried_on_unavailable() {
+    let grpc_method = |method: &str| pb::RouteMatch {
+        grpc: Some(pb::GrpcMethodMatch {
+            service: "shop.Payment".into(),
+            method: method.into(),
+        }),
+        ..Default::default()
+    };
+    let mut charge = forward(vec![dest("payment", "v2", 1)]);
+    charge.retry = Some(pb::RetryPolicy {
+        attempts: 2,
+        retry_on: vec![pb::RetryOn::GrpcUnavailable as i32],
+        ..Default::default()
+    });
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![
+                route("charge", vec![grpc_method("Charge")], charge),
+                route("rest", vec![], forward(vec![dest("payment", "v1", 1)])),
+            ]),
+        ],
+        "payment",
+    )
+    .await;
+    let v2 = setup.backend("payment-v2");
+    v2.app.grpc_unavailable.store(1, Ordering::SeqCst);
+
+    let stream = setup.tunnel(vip(PAYMENT_VIP, GRPC_PORT)).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let call = |method: &str| {
+        Request::post(format!(
+            "http://payment.shop.svc.cluster.local/shop.Payment/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap()
+    };
+    let response = h2.send_request(call("Charge")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-backend"], "payment-v2");
+    let body = response.into_body().collect().await.unwrap();
+    let trailers = body.trailers().expect("gRPC trailers").clone();
+    assert_eq!(trailers["grpc-status"], "0", "the retry's answer");
+    assert_eq!(v2.calls(), 2, "one unavailable, one retry");
+
+    let response = h2.send_request(call("Refund")).await.unwrap();
+    assert_eq!(response.headers()["x-backend"], "payment-v1");
+    assert_eq!(response.headers()["x-path"], "/shop.Payment/Refund");
+}
+
+#[tokio::test]
+async fn a_tunnel_to_a_bound_pod_reaches_that_pod_only() {
+    // The service's routes send everything to v1; a pod address bypasses them.
+    let setup = Setup::start(
+        vec![
+            subsets(None),
+            routes(vec![route(
+                "v1",
+                vec![],
+                forward(vec![dest("payment", "v1", 1)]),
+            )]),
+        ],
+        "payment",
+    )
+    .await;
+    let mut client = setup.http1_to("10.244.1.3:8080".parse().unwrap()).await;
+    for _ in 0..5 {
+        let a = client.get("/", &[]).await;
+        assert_eq!(
+            (a.status, a.backend.as_deref()),
+            (StatusCode::OK, Some("payment-v2"))
+        );
+    }
+    assert_eq!(setup.backend("payment-v1").calls(), 0);
 }
