@@ -23,7 +23,7 @@ use super::{
     plan::Plan,
     procfs,
     progress::Progress,
-    topology::{self, DISCARD_PORT, ECHO_PORT, HTTP_PORT},
+    topology,
 };
 
 /// How long the path counters may take to show a scenario's traffic.
@@ -154,7 +154,7 @@ fn cell(
     progress.begin(&what("cluster up"), 2.0);
     let name = cluster_name(env, &format!("r{round}-{}", mode.id()))?;
     r.cluster = name.to_string();
-    let cluster = mode.up(options(env, name), &topology::with_pods(2)?, &env.mesh)?;
+    let cluster = mode.up(options(env, name), &mode.topology(2)?, &env.mesh)?;
     if let Err(e) = measure(env, mode, round, progress, r, &cluster) {
         if let Some(dir) = &env.logs_dir {
             match keep_logs(&cluster, dir) {
@@ -201,15 +201,13 @@ fn measure(
     let server = cluster.pod(&topology::server_pod())?;
     let client = cluster.pod(&topology::client_pod())?;
     let workload_cgroups = vec![client.cgroup.clone(), server.cgroup.clone()];
-    let ip = server.ip;
-    let http_url = format!("http://{ip}:{HTTP_PORT}/");
-    let echo_addr = format!("{ip}:{ECHO_PORT}");
-    let discard_addr = format!("{ip}:{DISCARD_PORT}");
+    let targets = mode.targets(cluster)?;
+    let (http_url, echo_addr, discard_addr) = (&targets.http_url, &targets.echo, &targets.discard);
     let http_args = |extra: &[String]| -> Vec<String> {
         let mut a = strings(&[
             "load",
             "--url",
-            &http_url,
+            http_url,
             "-X",
             "POST",
             "--body-size",
@@ -273,7 +271,7 @@ fn measure(
                 &strings(&[
                     "stream",
                     "--to",
-                    &discard_addr,
+                    discard_addr,
                     "--streams",
                     &streams.to_string(),
                     "--duration",
@@ -286,6 +284,7 @@ fn measure(
                 Expect {
                     connections: streams as u64,
                     bytes_to_server: s.bytes,
+                    http_requests: 0,
                 },
             ))
         })?;
@@ -302,7 +301,7 @@ fn measure(
             &strings(&[
                 "load",
                 "--tcp",
-                &echo_addr,
+                echo_addr,
                 "--size",
                 &plan.rr_size.to_string(),
                 "-c",
@@ -404,7 +403,7 @@ fn measure(
             &strings(&[
                 "load",
                 "--tcp",
-                &echo_addr,
+                echo_addr,
                 "--size",
                 "1",
                 "--new-connection",
@@ -425,7 +424,7 @@ fn measure(
         &what(&format!("{} open connections", plan.held_connections)),
         plan.held_connections as f64 / 500.0 + 1.0,
     );
-    let held_rss = ctx.held_connections(&echo_addr, plan.held_connections)?;
+    let held_rss = ctx.held_connections(echo_addr, plan.held_connections)?;
     ctx.r.figures.insert(
         "rss_conns".into(),
         held_rss.values().sum::<u64>() as f64 / MIB,
@@ -482,7 +481,7 @@ pub fn run_pods(
 fn pods_cell(env: &Env, mode: Mode, pods: usize, r: &mut PodsResult) -> anyhow::Result<()> {
     let name = cluster_name(env, &format!("p{pods}-{}", mode.id()))?;
     r.cluster = name.to_string();
-    let cluster = mode.up(options(env, name), &topology::with_pods(pods)?, &env.mesh)?;
+    let cluster = mode.up(options(env, name), &mode.topology(pods)?, &env.mesh)?;
     if let Err(e) = pods_measure(mode, &cluster, r) {
         if let Some(dir) = &env.logs_dir {
             // The error says what failed; the logs say why.
@@ -498,30 +497,11 @@ fn pods_measure(mode: Mode, cluster: &Cluster, r: &mut PodsResult) -> anyhow::Re
     mode.wait_ready(cluster, READY_TIMEOUT)?;
     let procs = mode.mesh_processes(cluster)?;
     // One request proves the pods are reachable through the mode's path.
-    let ip = cluster.pod(&topology::server_pod())?.ip;
+    let url = mode.targets(cluster)?.http_url;
     let before = mode.counters(cluster)?;
-    let s: Summary = echo_json(
-        cluster,
-        &strings(&[
-            "load",
-            "--url",
-            &format!("http://{ip}:{HTTP_PORT}/"),
-            "-n",
-            "1",
-        ]),
-    )?;
-    load_expect(&s, 0)?;
-    mode.verify_path(
-        cluster,
-        "pods",
-        &before,
-        Expect {
-            connections: 1,
-            bytes_to_server: 0,
-        },
-        false,
-        PATH_WAIT,
-    )?;
+    let s: Summary = echo_json(cluster, &strings(&["load", "--url", &url, "-n", "1"]))?;
+    let expect = load_expect(&s, 0)?;
+    mode.verify_path(cluster, "pods", &before, expect, false, PATH_WAIT)?;
     let mut data = 0u64;
     let mut control = 0u64;
     for p in &procs {
@@ -630,6 +610,7 @@ impl Ctx<'_> {
             Expect {
                 connections: report.open,
                 bytes_to_server: report.open,
+                http_requests: 0,
             },
             true,
             PATH_WAIT,
@@ -682,7 +663,8 @@ fn echo_json<T: DeserializeOwned>(cluster: &Cluster, args: &[String]) -> anyhow:
     })
 }
 
-/// A load run must have had no failures; what it carried, for the path check.
+/// A load run must have had no failures; what it carried, for the path check. An
+/// HTTP run has statuses, a TCP run none.
 fn load_expect(s: &Summary, bytes_per_request: usize) -> anyhow::Result<Expect> {
     ensure!(
         s.errors == 0 && s.ok == s.requests && s.requests > 0,
@@ -695,6 +677,7 @@ fn load_expect(s: &Summary, bytes_per_request: usize) -> anyhow::Result<Expect> 
     Ok(Expect {
         connections: s.connections,
         bytes_to_server: s.ok * bytes_per_request as u64,
+        http_requests: if s.status.is_empty() { 0 } else { s.ok },
     })
 }
 
@@ -799,7 +782,12 @@ mod tests {
         }))
         .unwrap();
         let e = load_expect(&s, 100).unwrap();
-        assert_eq!((e.connections, e.bytes_to_server), (2, 1000));
+        assert_eq!(
+            (e.connections, e.bytes_to_server, e.http_requests),
+            (2, 1000, 10)
+        );
+        s.status.clear();
+        assert_eq!(load_expect(&s, 100).unwrap().http_requests, 0, "TCP");
         s.ok = 9;
         s.errors = 1;
         assert!(load_expect(&s, 100).is_err());

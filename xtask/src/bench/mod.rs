@@ -36,8 +36,6 @@ use self::{
 };
 use crate::{setup, workspace_root};
 
-/// Packages whose binaries the benchmark starts (the waypoint joins for ambient L7).
-const PACKAGES: &[&str] = &["ambit-echo", "ambit-node", "ambit-controller", "ambit-cni"];
 /// Prefix of the benchmark's cluster names (leftovers of a killed run are swept).
 const CLUSTER_PREFIX: &str = "bench-";
 
@@ -119,6 +117,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !selected.contains(&Mode::NoMesh) {
         eprintln!("! no-mesh is not selected: the report will have no ratios to the baseline");
     }
+    // The binaries the selected, available modes start (package = binary name).
+    let mut packages: Vec<&str> = selected
+        .iter()
+        .filter(|m| m.availability().is_ok())
+        .flat_map(|m| m.binaries().iter().copied())
+        .collect();
+    packages.sort_unstable();
+    packages.dedup();
     setup::run(&setup::SetupArgs::default())?;
     let target = target_dir();
     let profile_dir = if args.debug { "debug" } else { "release" };
@@ -127,7 +133,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         if !args.debug {
             cargo_args.push("--release");
         }
-        for p in PACKAGES {
+        for p in &packages {
             cargo_args.extend(["-p", p]);
         }
         crate::test::cargo("building the benchmark's binaries", &cargo_args)?;
@@ -136,7 +142,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .bin_dir
         .clone()
         .unwrap_or_else(|| target.join(profile_dir));
-    for p in PACKAGES {
+    for p in &packages {
         let bin = bin_dir.join(p);
         if !bin.is_file() {
             bail!(
@@ -344,7 +350,13 @@ mod tests {
     #[test]
     fn smoke_scenarios_take_each_modes_path() {
         let bin_dir = ambit_test_support::bin_dir().unwrap();
-        for bin in PACKAGES {
+        let selected = [
+            Mode::NoMesh,
+            Mode::AmbientL4,
+            Mode::AmbientL7,
+            Mode::SidecarL4,
+        ];
+        for bin in Mode::AmbientL7.binaries() {
             ambit_test_support::bin_path(bin).unwrap();
         }
         let env = Env {
@@ -356,12 +368,11 @@ mod tests {
             logs_dir: None,
             test_names: true,
         };
-        let selected = [Mode::NoMesh, Mode::AmbientL4, Mode::SidecarL4];
         let (cells, pods) = execute(&env, &selected, Some(Progress::quiet()));
 
         // Unavailable modes get no cell, never made-up figures.
         assert!(cells.iter().all(|c| c.mode != Mode::SidecarL4));
-        assert_eq!(cells.len(), 2, "{cells:#?}");
+        assert_eq!(cells.len(), 3, "{cells:#?}");
         for c in &cells {
             assert!(c.error.is_none(), "{:?} failed: {:?}", c.mode, c.error);
             for f in report::FIGURES {
@@ -395,38 +406,55 @@ mod tests {
             assert!(e.deltas.is_empty(), "no mesh, no counters: {e:?}");
         }
 
-        let amb = cells.iter().find(|c| c.mode == Mode::AmbientL4).unwrap();
-        assert_eq!(
-            amb.mesh_processes.iter().filter(|p| p.data_plane).count(),
-            2
-        );
-        assert!(amb.figures["rss_idle"] > 0.0);
-        assert!(amb.figures["mesh_cpu_per_1k"] > 0.0);
-        for e in &amb.evidence {
-            assert!(e.path.contains("mutual_tls"), "{e:?}");
-            assert!(e.expected.connections > 0, "{e:?}");
-            for side in ["source", "destination"] {
-                let opened = e.deltas[&format!("{side}.opened")];
+        for (mode, data_plane) in [(Mode::AmbientL4, 2), (Mode::AmbientL7, 3)] {
+            let amb = cells.iter().find(|c| c.mode == mode).unwrap();
+            assert_eq!(
+                amb.mesh_processes.iter().filter(|p| p.data_plane).count(),
+                data_plane,
+                "{mode:?}: {:?}",
+                amb.mesh_processes
+            );
+            assert!(amb.figures["rss_idle"] > 0.0);
+            assert!(amb.figures["mesh_cpu_per_1k"] > 0.0);
+            for e in &amb.evidence {
+                assert!(e.path.contains("mutual_tls"), "{e:?}");
+                assert!(e.expected.connections > 0, "{e:?}");
+                // Every client connection is a mutual-TLS tunnel from node-1's daemon
+                // (to the server, or to the waypoint).
+                let opened = e.deltas["source.opened"];
                 assert!(
                     opened >= e.expected.connections as f64,
-                    "{}: {side} daemon counted {opened} mutual_tls connections, the client opened {}",
+                    "{mode:?} {}: node-1's daemon counted {opened} mutual_tls connections,                      the client opened {}",
                     e.scenario,
                     e.expected.connections
                 );
+                let served = if mode == Mode::AmbientL7 && e.expected.http_requests > 0 {
+                    // The waypoint pools its connections to the server: its own
+                    // counter proves the requests.
+                    e.deltas["waypoint.requests"] >= e.expected.http_requests as f64
+                } else {
+                    e.deltas["destination.opened"] >= e.expected.connections as f64
+                };
+                assert!(served, "{mode:?} {}: {e:?}", e.scenario);
             }
+            let streamed = amb
+                .evidence
+                .iter()
+                .find(|e| e.scenario == "tput_4")
+                .unwrap();
+            assert!(streamed.expected.bytes_to_server > 0);
+            let counted = if mode == Mode::AmbientL7 {
+                streamed.deltas["source.received_bytes"]
+            } else {
+                streamed.deltas["destination.received_bytes"]
+            };
+            assert!(
+                counted >= streamed.expected.bytes_to_server as f64,
+                "{streamed:?}"
+            );
         }
-        let streamed = amb
-            .evidence
-            .iter()
-            .find(|e| e.scenario == "tput_4")
-            .unwrap();
-        assert!(streamed.expected.bytes_to_server > 0);
-        assert!(
-            streamed.deltas["destination.received_bytes"]
-                >= streamed.expected.bytes_to_server as f64
-        );
 
-        assert_eq!(pods.len(), 2 * env.plan.pod_counts.len());
+        assert_eq!(pods.len(), 3 * env.plan.pod_counts.len());
         for p in &pods {
             assert!(p.error.is_none(), "{p:?}");
             let data = p.data_plane_rss_mib.unwrap();
@@ -443,6 +471,7 @@ mod tests {
         let md = rep.markdown();
         assert!(md.contains("sidecar L4 | not available yet"), "{md}");
         assert!(rep.summary[&Mode::AmbientL4]["tput_1"].ratio.is_some());
+        assert!(rep.summary[&Mode::AmbientL7]["http_p50"].ratio.is_some());
         let dir = std::env::temp_dir().join(format!("ambit-bench-test-{}", std::process::id()));
         let written = rep.write(&dir).unwrap();
         assert_eq!(written.len(), 5);

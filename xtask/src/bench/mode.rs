@@ -51,10 +51,23 @@ pub struct Counters(pub BTreeMap<String, f64>);
 /// What a scenario must have carried.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Expect {
-    /// Connections the client opened from the client pod to the server pod.
+    /// Connections the client opened from the client pod to the server.
     pub connections: u64,
     /// Bytes the client sent to the server (at least).
     pub bytes_to_server: u64,
+    /// HTTP requests answered (0 for TCP scenarios).
+    pub http_requests: u64,
+}
+
+/// Where the client sends each kind of traffic.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// `http://…/` of the server's HTTP port.
+    pub http_url: String,
+    /// `host:port` of its TCP echo port.
+    pub echo: String,
+    /// `host:port` of its discard port.
+    pub discard: String,
 }
 
 /// Proof that a scenario's traffic took the mode's path.
@@ -69,26 +82,19 @@ pub struct Evidence {
     pub deltas: BTreeMap<String, f64>,
 }
 
-/// Labels that select the benchmark's own traffic in the daemons' metrics.
-fn bench_labels(reporter: &'static str) -> [(&'static str, String); 4] {
+/// `cluster.local/ns/bench/sa/<sa>`.
+fn principal(sa: &str) -> String {
+    format!("cluster.local/ns/{}/sa/{sa}", topology::NAMESPACE)
+}
+
+/// Labels that select the benchmark's own traffic in a daemon's metrics: from the
+/// client to `destination_sa` (the server, or in ambient L7 the waypoint on the
+/// client's side), over mutual TLS.
+fn bench_labels(reporter: &'static str, destination_sa: &str) -> [(&'static str, String); 4] {
     [
         ("reporter", reporter.to_owned()),
-        (
-            "source_principal",
-            format!(
-                "cluster.local/ns/{}/sa/{}",
-                topology::NAMESPACE,
-                topology::CLIENT_SA
-            ),
-        ),
-        (
-            "destination_principal",
-            format!(
-                "cluster.local/ns/{}/sa/{}",
-                topology::NAMESPACE,
-                topology::SERVER_SA
-            ),
-        ),
+        ("source_principal", principal(topology::CLIENT_SA)),
+        ("destination_principal", principal(destination_sa)),
         ("connection_security_policy", "mutual_tls".to_owned()),
     ]
 }
@@ -132,11 +138,7 @@ impl Mode {
     /// report as not available, never given figures.
     pub fn availability(self) -> Result<(), &'static str> {
         match self {
-            Mode::NoMesh | Mode::AmbientL4 => Ok(()),
-            Mode::AmbientL7 => Err(
-                "needs the waypoint on the simulated cluster (issue 5) wired into this harness: \
-                 bench/mode.rs",
-            ),
+            Mode::NoMesh | Mode::AmbientL4 | Mode::AmbientL7 => Ok(()),
             Mode::SidecarL4 | Mode::SidecarL7 => {
                 Err("needs `ambit-node --mode sidecar` (issue 6, item 1)")
             }
@@ -159,6 +161,49 @@ impl Mode {
         self != Mode::NoMesh
     }
 
+    /// Workspace binaries the mode starts.
+    pub fn binaries(self) -> &'static [&'static str] {
+        match self {
+            Mode::NoMesh => &["ambit-echo"],
+            Mode::AmbientL4 | Mode::SidecarL4 => {
+                &["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"]
+            }
+            Mode::AmbientL7 | Mode::SidecarL7 => &[
+                "ambit-echo",
+                "ambit-controller",
+                "ambit-node",
+                "ambit-cni",
+                "ambit-waypoint",
+            ],
+        }
+    }
+
+    /// The mode's topology with `pods` workload pods: the same for every mode, plus the
+    /// waypoint for ambient L7.
+    pub fn topology(self, pods: usize) -> anyhow::Result<Topology> {
+        topology::with_pods(pods, self == Mode::AmbientL7)
+    }
+
+    /// Where the client sends its traffic: the server pod's IP, or in ambient L7 the
+    /// server Service's VIP (a waypoint fronts a Service; without the mesh nothing
+    /// answers on a VIP, so the other modes use the pod IP).
+    pub fn targets(self, cluster: &Cluster) -> anyhow::Result<Targets> {
+        let (ip, http_port) = if self == Mode::AmbientL7 {
+            let svc = cluster.service(&format!("{}/server", topology::NAMESPACE))?;
+            (svc.cluster_ip, 80)
+        } else {
+            (
+                cluster.pod(&topology::server_pod())?.ip,
+                topology::HTTP_PORT,
+            )
+        };
+        Ok(Targets {
+            http_url: format!("http://{ip}:{http_port}/"),
+            echo: format!("{ip}:{}", topology::ECHO_PORT),
+            discard: format!("{ip}:{}", topology::DISCARD_PORT),
+        })
+    }
+
     /// Brings `topology` up in this mode. Every mode gets the identical topology; the
     /// namespace carries the ambient label in all of them, which does nothing without
     /// daemons (no CNI call, no enrolment).
@@ -173,12 +218,13 @@ impl Mode {
         }
         let opts = match self {
             Mode::NoMesh => opts,
-            Mode::AmbientL4 => opts.mesh(MeshOptions {
+            // With a waypoint in the topology, `up` also starts `ambit-waypoint`.
+            Mode::AmbientL4 | Mode::AmbientL7 => opts.mesh(MeshOptions {
                 controller_args: mesh.controller_args.clone(),
                 daemon_args: mesh.daemon_args.clone(),
                 ..MeshOptions::with_daemons()
             }),
-            Mode::AmbientL7 | Mode::SidecarL4 | Mode::SidecarL7 => {
+            Mode::SidecarL4 | Mode::SidecarL7 => {
                 unreachable!("availability() refused the mode above")
             }
         };
@@ -194,10 +240,12 @@ impl Mode {
     pub fn wait_ready(self, cluster: &Cluster, timeout: Duration) -> anyhow::Result<()> {
         match self {
             Mode::NoMesh => Ok(()),
-            Mode::AmbientL4 => {
+            // A waypoint holds its own certificate and `up` waits for its readiness;
+            // the daemons serve the workload pods.
+            Mode::AmbientL4 | Mode::AmbientL7 => {
                 let mesh = cluster.mesh().context("the cluster has no mesh")?;
                 let deadline = Instant::now() + timeout;
-                for pod in cluster.pods() {
+                for pod in cluster.pods().into_iter().filter(|p| p.waypoint.is_none()) {
                     let daemon = mesh
                         .daemons
                         .iter()
@@ -236,7 +284,7 @@ impl Mode {
                 }
                 Ok(())
             }
-            Mode::AmbientL7 | Mode::SidecarL4 | Mode::SidecarL7 => {
+            Mode::SidecarL4 | Mode::SidecarL7 => {
                 bail!("mode {} has no readiness check yet", self.id())
             }
         }
@@ -266,6 +314,18 @@ impl Mode {
                     pid: d.pid,
                     data_plane: true,
                 }));
+                procs.extend(mesh.waypoints.iter().map(|w| MeshProcess {
+                    name: format!("{}@{}", w.process, w.pod),
+                    pid: w.pid,
+                    data_plane: true,
+                }));
+                let waypoints = mesh.waypoints.len();
+                let want = usize::from(self == Mode::AmbientL7);
+                ensure!(
+                    waypoints == want,
+                    "mode {} runs {waypoints} waypoints, expected {want}",
+                    self.id()
+                );
                 Ok(procs)
             }
         }
@@ -279,9 +339,16 @@ impl Mode {
             return Ok(Counters(out));
         }
         let mesh = cluster.mesh().context("the cluster has no mesh")?;
-        for (node, reporter) in [
-            (topology::CLIENT_NODE, "source"),
-            (topology::SERVER_NODE, "destination"),
+        // In ambient L7 the client's daemon tunnels to the waypoint, which tunnels on
+        // to the server (whose daemon still reports the client's identity).
+        let first_hop = if self == Mode::AmbientL7 {
+            topology::WAYPOINT
+        } else {
+            topology::SERVER_SA
+        };
+        for (node, reporter, destination_sa) in [
+            (topology::CLIENT_NODE, "source", first_hop),
+            (topology::SERVER_NODE, "destination", topology::SERVER_SA),
         ] {
             let daemon = mesh
                 .daemons
@@ -300,7 +367,7 @@ impl Mode {
                 "metrics of the daemon on {node}: HTTP {code}: {body}"
             );
             let samples = metrics::parse(&body);
-            let labels = bench_labels(reporter);
+            let labels = bench_labels(reporter, destination_sa);
             let want: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
             for (key, metric) in [
                 ("opened", "istio_tcp_connections_opened_total"),
@@ -312,6 +379,28 @@ impl Mode {
                     metrics::sum(&samples, metric, &want),
                 );
             }
+        }
+        if self == Mode::AmbientL7 {
+            let w = mesh.waypoints.first().context("no waypoint")?;
+            let (code, body) = cluster
+                .http_get(
+                    &Place::Pod(w.pod.clone()),
+                    SocketAddr::V4(w.metrics_addr),
+                    "/metrics",
+                )
+                .context("reading the waypoint's metrics")?;
+            ensure!(code == 200, "metrics of the waypoint: HTTP {code}: {body}");
+            let client = principal(topology::CLIENT_SA);
+            let requests = metrics::sum(
+                &metrics::parse(&body),
+                "istio_requests_total",
+                &[
+                    ("source_principal", client.as_str()),
+                    ("destination_service", topology::SERVER_SERVICE_HOST),
+                    ("response_code", "200"),
+                ],
+            );
+            out.insert("waypoint.requests".to_owned(), requests);
         }
         Ok(Counters(out))
     }
@@ -358,19 +447,28 @@ impl Mode {
                     deltas: BTreeMap::new(),
                 })
             }
-            Mode::AmbientL4 => {
+            Mode::AmbientL4 | Mode::AmbientL7 => {
                 ensure!(
                     capture.contains(&15001),
                     "{scenario}: the client pod has no outbound capture listener (15001); \
                      listeners: {listeners:?}"
                 );
+                let l7 = self == Mode::AmbientL7;
+                let conns = expect.connections as f64;
+                let bytes = expect.bytes_to_server as f64;
+                // Ambient L7: every client connection is a tunnel to the waypoint
+                // (node-1's daemon counts it); the waypoint pools its HTTP connections
+                // to the server, so on node-2 only TCP scenarios map one to one, and
+                // HTTP requests are proven by the waypoint's own counter.
                 let need = |key: &str| -> f64 {
                     match key {
-                        "source.opened" | "destination.opened" => expect.connections as f64,
-                        "source.closed" | "destination.closed" if !open => {
-                            expect.connections as f64
-                        }
-                        "destination.received_bytes" if !open => expect.bytes_to_server as f64,
+                        "source.opened" => conns,
+                        "source.closed" if !open => conns,
+                        "source.received_bytes" if l7 && !open => bytes,
+                        "destination.opened" if !l7 || expect.http_requests == 0 => conns,
+                        "destination.closed" if !l7 && !open => conns,
+                        "destination.received_bytes" if !l7 && !open => bytes,
+                        "waypoint.requests" => expect.http_requests as f64,
                         _ => 0.0,
                     }
                 };
@@ -390,23 +488,29 @@ impl Mode {
                     if short.is_empty() {
                         return Ok(Evidence {
                             scenario: scenario.to_owned(),
-                            path: "HBONE with mutual_tls through the daemons of both nodes"
-                                .to_owned(),
+                            path: if l7 {
+                                "HBONE with mutual_tls client → waypoint (node-1's daemon) and \
+                                 waypoint → server (node-2's daemon); HTTP requests counted \
+                                 by the waypoint"
+                            } else {
+                                "HBONE with mutual_tls through the daemons of both nodes"
+                            }
+                            .to_owned(),
                             expected: expect,
                             deltas,
                         });
                     }
                     if Instant::now() >= deadline {
                         bail!(
-                            "{scenario}: the daemons' mutual_tls counters for client → server \
-                             did not show the traffic within {wait:?}: {}",
+                            "{scenario}: the mesh's counters for the client's traffic did not \
+                             show it within {wait:?}: {}",
                             short.join("; ")
                         );
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-            Mode::AmbientL7 | Mode::SidecarL4 | Mode::SidecarL7 => {
+            Mode::SidecarL4 | Mode::SidecarL7 => {
                 bail!("mode {} has no path check yet", self.id())
             }
         }
@@ -438,9 +542,10 @@ mod tests {
 
     #[test]
     fn only_runnable_modes_are_available() {
-        assert!(Mode::NoMesh.availability().is_ok());
-        assert!(Mode::AmbientL4.availability().is_ok());
-        for m in [Mode::AmbientL7, Mode::SidecarL4, Mode::SidecarL7] {
+        for m in [Mode::NoMesh, Mode::AmbientL4, Mode::AmbientL7] {
+            assert!(m.availability().is_ok(), "{m:?}");
+        }
+        for m in [Mode::SidecarL4, Mode::SidecarL7] {
             assert!(m.availability().is_err(), "{m:?}");
         }
     }

@@ -13,6 +13,12 @@ pub const SERVER_SA: &str = "bench-server";
 /// Nodes of the client and of the server.
 pub const CLIENT_NODE: &str = "node-1";
 pub const SERVER_NODE: &str = "node-2";
+/// The waypoint of ambient L7 (a Gateway and its pod `waypoint-0` on the server's
+/// node), and the label that sends the server Service's traffic through it.
+pub const WAYPOINT: &str = "waypoint";
+pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
+/// The server Service's host name (the waypoint's `destination_service`).
+pub const SERVER_SERVICE_HOST: &str = "server.bench.svc.cluster.local";
 /// Ports of `ambit-echo serve`.
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 9090;
@@ -28,9 +34,10 @@ pub fn server_pod() -> String {
     format!("{NAMESPACE}/server-0")
 }
 
-/// The topology with `pods` pods in all (at least the client and the server; the rest
-/// are idle echo servers spread over both nodes).
-pub fn with_pods(pods: usize) -> anyhow::Result<Topology> {
+/// The topology with `pods` workload pods in all (at least the client and the server;
+/// the rest are idle echo servers spread over both nodes). With `waypoint`, also the
+/// waypoint on the server's node, used by the server Service.
+pub fn with_pods(pods: usize, waypoint: bool) -> anyhow::Result<Topology> {
     let idle = pods.saturating_sub(2);
     let idle_workload = if idle == 0 {
         String::new()
@@ -42,6 +49,14 @@ pub fn with_pods(pods: usize) -> anyhow::Result<Topology> {
             "      - name: idle\n        labels: {{ app: idle }}\n        nodes: [{}]\n        readyPorts: [{HTTP_PORT}, {ECHO_PORT}, {DISCARD_PORT}]\n",
             nodes.join(", ")
         )
+    };
+    let (waypoints, service_labels) = if waypoint {
+        (
+            format!("    waypoints:\n      - name: {WAYPOINT}\n        nodes: [{SERVER_NODE}]\n"),
+            format!("        labels: {{ {USE_WAYPOINT_LABEL}: {WAYPOINT} }}\n"),
+        )
+    } else {
+        (String::new(), String::new())
     };
     let yaml = format!(
         "\
@@ -63,10 +78,10 @@ namespaces:
         labels: {{ app: server }}
         nodes: [{SERVER_NODE}]
         readyPorts: [{HTTP_PORT}, {ECHO_PORT}, {DISCARD_PORT}]
-{idle_workload}    services:
+{idle_workload}{waypoints}    services:
       - name: server
         selector: {{ app: server }}
-        ports:
+{service_labels}        ports:
           - {{ name: http, port: 80, targetPort: {HTTP_PORT} }}
           - {{ name: tcp-echo, port: {ECHO_PORT} }}
           - {{ name: tcp-discard, port: {DISCARD_PORT} }}
@@ -82,7 +97,7 @@ mod tests {
     #[test]
     fn topologies_have_the_asked_pod_count_across_both_nodes() {
         for pods in [2, 3, 4, 64] {
-            let t = with_pods(pods).unwrap().resolve().unwrap();
+            let t = with_pods(pods, false).unwrap().resolve().unwrap();
             assert_eq!(t.pods.len(), pods);
             let on = |node: &str| t.pods.iter().filter(|p| p.node == node).count();
             assert!(on(CLIENT_NODE) >= 1 && on(SERVER_NODE) >= 1);
@@ -94,5 +109,17 @@ mod tests {
                 (CLIENT_NODE, SERVER_NODE)
             );
         }
+    }
+
+    #[test]
+    fn the_waypoint_topology_adds_only_the_waypoint() {
+        let plain = with_pods(4, false).unwrap();
+        let l7 = with_pods(4, true).unwrap();
+        assert_eq!(plain.resolve().unwrap().pods.len(), 4);
+        let ns = &l7.namespaces[0];
+        assert_eq!(ns.waypoints.len(), 1);
+        assert_eq!(ns.waypoints[0].nodes, vec![SERVER_NODE.to_owned()]);
+        assert_eq!(ns.services[0].labels[USE_WAYPOINT_LABEL], WAYPOINT);
+        assert_eq!(ns.workloads, plain.namespaces[0].workloads);
     }
 }
