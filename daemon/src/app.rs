@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,13 +29,20 @@ use crate::metrics::TcpMetrics;
 use crate::pods::{Pods, error_chain};
 use crate::proxy::ProxyShared;
 use crate::proxy::snapshot::Snapshot;
+use crate::sidecar::{Mode, SidecarArgs, SidecarError, SidecarPod};
 
 /// Node daemon configuration; every flag also reads an environment variable.
 #[derive(Clone, Debug, clap::Parser, serde::Serialize)]
 #[command(name = "ambit-node", version, about = "Ambit node daemon")]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// Name of the node this daemon serves (the Kubernetes node name).
+    /// Where the proxies run: `ambient`, one daemon per node serving the node's
+    /// enrolled pods; `sidecar`, this process inside one pod serving only that pod
+    /// (see the `sidecar` module).
+    #[arg(long, env = "AMBIT_MODE", value_enum, default_value_t = Mode::Ambient)]
+    pub mode: Mode,
+    /// Name of the node this daemon (or sidecar's pod) runs on (the Kubernetes node
+    /// name); the config subscription is the node's.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
     /// Controller gRPC address (config stream and certificate authority).
@@ -48,13 +55,15 @@ pub struct Config {
     /// File holding the node's bearer token for the controller (read on every use).
     #[arg(long, env = "AMBIT_TOKEN_FILE")]
     pub token_file: PathBuf,
-    /// State directory: the bpffs mount `bpf/`, the config state file, the cert cache.
-    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit/node")]
-    pub state_dir: PathBuf,
-    /// The node's pods cgroup subtree (where the connect programs attach).
+    /// State directory: the bpffs mount `bpf/`, the config state file, the cert cache
+    /// [default: /var/lib/ambit/node; sidecar: /var/lib/ambit/sidecar/<ns>_<pod>].
+    #[arg(long, env = "AMBIT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Ambient mode (required there): the node's pods cgroup subtree, where the
+    /// connect programs attach.
     #[arg(long, env = "AMBIT_PODS_CGROUP")]
-    pub pods_cgroup: PathBuf,
-    /// The enrolment socket the `ambit-cni` plugin connects to.
+    pub pods_cgroup: Option<PathBuf>,
+    /// Ambient mode: the enrolment socket the `ambit-cni` plugin connects to.
     #[arg(
         long,
         env = "AMBIT_CNI_SOCKET",
@@ -67,6 +76,9 @@ pub struct Config {
     /// Prometheus metrics address (`/metrics`).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+    /// Sidecar mode: the pod served.
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
     #[command(flatten)]
     #[serde(skip)]
     pub admin: AdminArgs,
@@ -77,6 +89,9 @@ pub struct Config {
     #[serde(skip)]
     pub log: LogArgs,
 }
+
+/// The state directory of ambient mode unless `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ambit/node";
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +114,15 @@ pub enum BuildError {
         #[source]
         source: ambit_identity::spiffe::TrustDomainError,
     },
+    /// A flag is missing or conflicts with the mode.
+    #[error("{0}")]
+    Flags(String),
+    /// Sidecar mode: the pod flags are incomplete or the process is not in the pod.
+    #[error("sidecar mode")]
+    Sidecar(#[source] SidecarError),
+    /// Sidecar mode: the pod could not be recorded.
+    #[error("sidecar mode: recording the pod")]
+    SidecarPod(#[source] Box<crate::enroll::EnrollError>),
     /// Capture could not be installed.
     #[error("starting capture")]
     Capture(#[source] crate::capture::CaptureError),
@@ -121,7 +145,7 @@ pub struct Bound {
     admin: AdminServers,
     metrics: admin::Serving,
     metrics_addr: SocketAddr,
-    enroll: EnrollServer,
+    enroll: Option<EnrollServer>,
     subscription: Arc<Subscription>,
     pods: Arc<Pods>,
     tasks: Vec<JoinHandle<()>>,
@@ -198,6 +222,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             source,
         })?;
 
+    let placement = Placement::resolve(&config)?;
+
     let readiness = Readiness::new();
     let mut registry = prometheus_client::registry::Registry::default();
     let tcp_metrics = TcpMetrics::register(&mut registry);
@@ -221,6 +247,10 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         config: readiness.register("config"),
         certs: readiness.register("certificates"),
         capture: readiness.register("capture"),
+        pod: match placement {
+            Placement::Sidecar(..) => Some(readiness.register("pod")),
+            Placement::Ambient { .. } => None,
+        },
     };
 
     // Bind, then serve: readiness answers (listing the blockers) while capture and the
@@ -239,6 +269,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
 
     let started = start(
         &config,
+        placement,
         controller,
         trust_domain,
         tcp_metrics,
@@ -275,6 +306,64 @@ struct Blockers {
     config: Blocker,
     certs: Blocker,
     capture: Blocker,
+    /// Sidecar mode: the pod is captured and served.
+    pod: Option<Blocker>,
+}
+
+/// Where the proxies run, resolved from the flags.
+#[derive(Debug)]
+enum Placement {
+    /// The node's pods, handed over by the CNI plugin.
+    Ambient {
+        pods_cgroup: PathBuf,
+        state_dir: PathBuf,
+    },
+    /// One pod, from inside it.
+    Sidecar(SidecarPod, PathBuf),
+}
+
+impl Placement {
+    /// Checks the flags against the mode.
+    fn resolve(config: &Config) -> Result<Self, BuildError> {
+        match config.mode {
+            Mode::Ambient => {
+                let pods_cgroup = config.pods_cgroup.clone().ok_or_else(|| {
+                    BuildError::Flags(
+                        "--mode ambient needs --pods-cgroup (or $AMBIT_PODS_CGROUP)".to_owned(),
+                    )
+                })?;
+                let state_dir = config
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+                Ok(Self::Ambient {
+                    pods_cgroup,
+                    state_dir,
+                })
+            }
+            Mode::Sidecar => {
+                if config.pods_cgroup.is_some() {
+                    return Err(BuildError::Flags(
+                        "--pods-cgroup is for --mode ambient; a sidecar attaches to its pod's \
+                         cgroup (--pod-cgroup)"
+                            .to_owned(),
+                    ));
+                }
+                let pod = crate::sidecar::resolve(&config.sidecar).map_err(BuildError::Sidecar)?;
+                let state_dir = config
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| pod.default_state_dir());
+                Ok(Self::Sidecar(pod, state_dir))
+            }
+        }
+    }
+
+    fn state_dir(&self) -> &Path {
+        match self {
+            Self::Ambient { state_dir, .. } | Self::Sidecar(_, state_dir) => state_dir,
+        }
+    }
 }
 
 /// What `/config_dump` reads, once started.
@@ -288,7 +377,7 @@ struct DumpSources {
 
 /// What [`start`] brings up.
 struct Started {
-    enroll: EnrollServer,
+    enroll: Option<EnrollServer>,
     subscription: Arc<Subscription>,
     pods: Arc<Pods>,
     tasks: Vec<JoinHandle<()>>,
@@ -298,6 +387,7 @@ struct Started {
 /// enrolment server.
 async fn start(
     config: &Config,
+    placement: Placement,
     controller: http::Uri,
     trust_domain: TrustDomain,
     tcp_metrics: TcpMetrics,
@@ -305,7 +395,24 @@ async fn start(
     sources: &OnceLock<DumpSources>,
 ) -> Result<Started, BuildError> {
     let token = TokenSource::File(config.token_file.clone());
-    let capture_config = CaptureConfig::new(&config.state_dir, &config.pods_cgroup);
+    let state_dir = placement.state_dir().to_path_buf();
+    let capture_config = match &placement {
+        Placement::Ambient { pods_cgroup, .. } => CaptureConfig::new(&state_dir, pods_cgroup),
+        Placement::Sidecar(pod, _) => {
+            let mut c = CaptureConfig::new(&state_dir, &pod.cgroup);
+            c.exclusions = crate::sidecar::own_port_exclusions(&[
+                config.admin.readiness_addr,
+                config.metrics_addr,
+            ]);
+            c
+        }
+    };
+    // A sidecar captures the cgroup it runs in: its own connections to the controller
+    // carry the bypass mark like every other socket of its proxies.
+    let socket_mark = match &placement {
+        Placement::Sidecar(..) => Some(capture_config.bypass_mark.get()),
+        Placement::Ambient { .. } => None,
+    };
     let capture = tokio::task::spawn_blocking(move || Capture::start(capture_config))
         .await
         .map_err(BuildError::CaptureTask)?
@@ -319,13 +426,15 @@ async fn start(
             node_name: config.node_name.clone(),
         },
     );
-    sub_config.state_file = Some(config.state_dir.join("config-state.json"));
+    sub_config.state_file = Some(state_dir.join("config-state.json"));
+    sub_config.socket_mark = socket_mark;
     let (subscription, state) = Subscription::spawn(sub_config, validate);
     subscription.unblock_when_ready(blockers.config);
     let subscription = Arc::new(subscription);
 
     let mut ca_config = CaClientConfig::new(controller, token);
-    ca_config.cache_dir = Some(config.state_dir.join("certs"));
+    ca_config.cache_dir = Some(state_dir.join("certs"));
+    ca_config.socket_mark = socket_mark;
     let certs = CertManager::new(ca_config, trust_domain).map_err(BuildError::CertCache)?;
 
     let enroll_config = EnrollConfig::new(&config.cni_socket);
@@ -349,11 +458,22 @@ async fn start(
     ));
     let resumed = pods.resume_persisted().await;
     tracing::info!(resumed, "capture started");
+    if let Placement::Sidecar(pod, _) = &placement {
+        pods.add_own_pod(pod.pod.clone(), pod.netns.clone(), pod.ip)
+            .await
+            .map_err(|e| BuildError::SidecarPod(Box::new(e)))?;
+        tracing::info!(pod = %pod.pod, ip = %pod.ip, cgroup = %pod.cgroup.display(), "sidecar serving one pod");
+    }
     blockers.capture.unblock();
 
-    let tasks = vec![
+    let (reconciled_tx, reconciled) = watch::channel(0u64);
+    let mut tasks = vec![
         tokio::spawn(snapshot_loop(state.clone(), snapshot_tx)),
-        tokio::spawn(reconcile_loop(Arc::clone(&pods), state.clone())),
+        tokio::spawn(reconcile_loop(
+            Arc::clone(&pods),
+            state.clone(),
+            reconciled_tx,
+        )),
         tokio::spawn(certified_blocker(
             Arc::clone(&pods),
             certs.clone(),
@@ -361,13 +481,29 @@ async fn start(
             blockers.certs,
         )),
     ];
-    let enroll = match EnrollServer::bind(enroll_config, Arc::clone(&pods)).await {
-        Ok(enroll) => enroll,
-        Err(e) => {
-            for task in &tasks {
-                task.abort();
+    let enroll = match &placement {
+        Placement::Sidecar(pod, _) => {
+            if let Some(blocker) = blockers.pod {
+                tasks.push(tokio::spawn(crate::sidecar::serving_blocker(
+                    Arc::clone(&pods),
+                    certs.clone(),
+                    reconciled,
+                    pod.ip,
+                    blocker,
+                )));
             }
-            return Err(BuildError::Enroll(e));
+            None
+        }
+        Placement::Ambient { .. } => {
+            match EnrollServer::bind(enroll_config, Arc::clone(&pods)).await {
+                Ok(enroll) => Some(enroll),
+                Err(e) => {
+                    for task in &tasks {
+                        task.abort();
+                    }
+                    return Err(BuildError::Enroll(e));
+                }
+            }
         }
     };
     let _ = sources.set(DumpSources {
@@ -460,7 +596,9 @@ impl Bound {
             task.abort();
         }
         let drain = async move {
-            enroll.shutdown().await;
+            if let Some(enroll) = enroll {
+                enroll.shutdown().await;
+            }
             pods.drain(drain_timeout).await;
             admin.shutdown().await;
             metrics.shutdown().await;
@@ -485,13 +623,16 @@ async fn snapshot_loop(
     }
 }
 
+/// Applies every configuration to the pods; counts the reconciles on `reconciled`.
 async fn reconcile_loop(
     pods: Arc<Pods>,
     mut state: tokio::sync::watch::Receiver<Arc<ambit_control_client::discovery::ConfigState>>,
+    reconciled: watch::Sender<u64>,
 ) {
     loop {
         let current = state.borrow_and_update().clone();
         pods.reconcile(&current).await;
+        reconciled.send_modify(|n| *n += 1);
         if state.changed().await.is_err() {
             return;
         }
@@ -546,6 +687,41 @@ mod tests {
             is_full_snapshot: true,
             source: StateSource::FromController,
         }
+    }
+
+    fn flags(args: &[&str]) -> Config {
+        use clap::Parser as _;
+        let base = ["ambit-node", "--node-name", "node-1", "--token-file", "/t"];
+        Config::try_parse_from(base.iter().chain(args)).unwrap()
+    }
+
+    #[test]
+    fn the_mode_decides_which_flags_are_needed() {
+        let ambient = flags(&["--pods-cgroup", "/sys/fs/cgroup/pods"]);
+        assert_eq!(ambient.mode, Mode::Ambient);
+        let Placement::Ambient { state_dir, .. } = Placement::resolve(&ambient).unwrap() else {
+            panic!("not ambient");
+        };
+        assert_eq!(state_dir, Path::new(DEFAULT_STATE_DIR));
+
+        let err = Placement::resolve(&flags(&[])).unwrap_err().to_string();
+        assert!(err.contains("--pods-cgroup"), "{err}");
+
+        let sidecar = flags(&[
+            "--mode",
+            "sidecar",
+            "--pod-name",
+            "checkout-0",
+            "--pod-namespace",
+            "production",
+            "--pod-ip",
+            "10.244.1.2",
+            "--pods-cgroup",
+            "/sys/fs/cgroup/pods",
+        ]);
+        assert_eq!(sidecar.mode, Mode::Sidecar);
+        let err = Placement::resolve(&sidecar).unwrap_err().to_string();
+        assert!(err.contains("--pods-cgroup is for --mode ambient"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`enroll`]: the enrolment server the `ambit-cni` plugin talks to.
 //! - [`pods`]: the enrolled pods (membership from the controller, identities).
 //! - [`proxy`]: the per-pod L4 proxies; [`metrics`]: Istio's TCP metrics.
+//! - [`sidecar`]: sidecar mode, the same capture and proxies run inside one pod.
 //! - [`app`]: everything assembled: build, serve, drain.
 #![deny(unsafe_code)]
 
@@ -18,3 +19,4 @@ pub mod metrics;
 pub mod netns;
 pub mod pods;
 pub mod proxy;
+pub mod sidecar;

@@ -339,6 +339,54 @@ impl Pods {
         }
     }
 
+    /// Sidecar mode: records the one pod this process serves, as a CNI ADD would but
+    /// without waiting for the configuration, and enrols it at once when the
+    /// configuration already says it is meshed; otherwise the reconcile loop enrols it
+    /// once it does.
+    pub async fn add_own_pod(
+        &self,
+        pod: PodRef,
+        netns: PathBuf,
+        ip: Ipv4Addr,
+    ) -> Result<(), EnrollError> {
+        let _turn = self.changes.lock().await;
+        let path = netns.clone();
+        let netns_cookie = tokio::task::spawn_blocking(move || Netns::open(&path)?.cookie())
+            .await
+            .map_err(|source| EnrollError::Task {
+                pod: pod.clone(),
+                source,
+            })?
+            .map_err(|source| EnrollError::Netns {
+                pod: pod.clone(),
+                source,
+            })?;
+        let node = NodePod {
+            pod,
+            container_id: None,
+            netns,
+            netns_cookie,
+            ip,
+        };
+        if let Err(error) = self.node_pods().insert(node) {
+            tracing::warn!(%ip, error = %error_chain(&error), "writing the pod record");
+        }
+        let state = self.config.borrow().clone();
+        self.enroll_joined(&state).await;
+        Ok(())
+    }
+
+    /// Whether the pod at `ip` is enrolled with its proxies started and a valid
+    /// certificate for its identity.
+    pub fn serving(&self, ip: Ipv4Addr) -> bool {
+        self.lock().get(&ip).is_some_and(|p| {
+            p.proxy.is_some()
+                && p.identity
+                    .as_ref()
+                    .is_some_and(|id| self.certs.current(id).is_some())
+        })
+    }
+
     /// The identities of the local pods (known so far).
     pub fn identities(&self) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = self

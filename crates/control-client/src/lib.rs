@@ -54,6 +54,84 @@ pub(crate) fn endpoint(
         .keep_alive_while_idle(true)
 }
 
+/// Connects to the controller from TCP sockets carrying an `SO_MARK` (set before
+/// `connect`, so that cgroup connect programs see it), for tonic's
+/// `connect_with_connector`. Tries every address the host resolves to, in order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MarkedConnector {
+    mark: u32,
+}
+
+impl MarkedConnector {
+    pub(crate) fn new(mark: u32) -> Self {
+        Self { mark }
+    }
+}
+
+impl tower::Service<tonic::transport::Uri> for MarkedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::transport::Uri) -> Self::Future {
+        let mark = self.mark;
+        Box::pin(async move {
+            connect_marked(&uri, mark)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        })
+    }
+}
+
+/// A TCP connection to `uri`'s host and port from a socket marked with `mark`.
+async fn connect_marked(
+    uri: &tonic::transport::Uri,
+    mark: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use std::io::{Error, ErrorKind};
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("{uri} names no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(Error::new(e.kind(), format!("connecting to {addr}: {e}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
+}
+
 /// An error and its sources on one line (`a: b: c`), for status dumps and logs.
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = err.to_string();
@@ -68,4 +146,25 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs `CAP_NET_ADMIN` (setting `SO_MARK`), as the sidecar does.
+    #[tokio::test]
+    async fn marked_connections_carry_the_mark() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let uri: tonic::transport::Uri = format!("http://{addr}").parse().unwrap();
+        let stream = connect_marked(&uri, 0x539).await.unwrap();
+        let mark = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::Mark).unwrap();
+        assert_eq!(mark, 0x539);
+        assert!(stream.nodelay().unwrap());
+
+        let nowhere: tonic::transport::Uri = "http://127.0.0.1:1".parse().unwrap();
+        let err = connect_marked(&nowhere, 0x539).await.unwrap_err();
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
 }

@@ -59,6 +59,9 @@ pub struct CaClientConfig {
     pub backoff: Backoff,
     /// Where keys and certificates are cached across restarts (`None`: memory only).
     pub cache_dir: Option<PathBuf>,
+    /// `SO_MARK` of the connections to the CA (`None`: unmarked); see
+    /// [`crate::SubscriptionConfig::socket_mark`].
+    pub socket_mark: Option<u32>,
 }
 
 /// Where a certificate is in its life, for `/config_dump`.
@@ -235,6 +238,7 @@ impl CaClientConfig {
                 max: Duration::from_secs(30),
             },
             cache_dir: None,
+            socket_mark: None,
         }
     }
 }
@@ -245,7 +249,11 @@ impl CertManager {
     /// lazily: an unreachable controller shows up as fetch errors, not here.
     pub fn new(config: CaClientConfig, trust_domain: TrustDomain) -> Result<Self, CertCacheError> {
         let cache = config.cache_dir.clone().map(Cache::open).transpose()?;
-        let channel = crate::endpoint(&config.controller, config.connect_timeout).connect_lazy();
+        let endpoint = crate::endpoint(&config.controller, config.connect_timeout);
+        let channel = match config.socket_mark {
+            None => endpoint.connect_lazy(),
+            Some(mark) => endpoint.connect_with_connector_lazy(crate::MarkedConnector::new(mark)),
+        };
         let client = CertificateServiceClient::new(channel)
             .max_decoding_message_size(ambit_api::MAX_MESSAGE_SIZE);
         let (stop, stop_rx) = watch::channel(());

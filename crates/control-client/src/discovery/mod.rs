@@ -83,6 +83,10 @@ pub struct SubscriptionConfig {
     pub backoff: Backoff,
     /// Time allowed to connect and open the stream.
     pub connect_timeout: Duration,
+    /// `SO_MARK` of the connections to the controller (`None`: unmarked). A proxy
+    /// running inside a captured pod (the sidecar) marks them so that its own capture
+    /// lets them through.
+    pub socket_mark: Option<u32>,
 }
 
 /// Counters for the proxy's metrics. Monotonic; read with [`Self::snapshot`].
@@ -239,6 +243,7 @@ impl SubscriptionConfig {
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             backoff: Backoff::default(),
             connect_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
+            socket_mark: None,
         }
     }
 }

@@ -294,13 +294,19 @@ impl Worker {
             .token()
             .await
             .map_err(StreamError::Token)?;
-        let channel = crate::endpoint(&self.config.controller, self.config.connect_timeout)
-            .connect()
-            .await
-            .map_err(|source| StreamError::Connect {
-                controller: self.config.controller.to_string(),
-                source,
-            })?;
+        let endpoint = crate::endpoint(&self.config.controller, self.config.connect_timeout);
+        let channel = match self.config.socket_mark {
+            None => endpoint.connect().await,
+            Some(mark) => {
+                endpoint
+                    .connect_with_connector(crate::MarkedConnector::new(mark))
+                    .await
+            }
+        }
+        .map_err(|source| StreamError::Connect {
+            controller: self.config.controller.to_string(),
+            source,
+        })?;
         let mut client = ConfigDiscoveryClient::new(channel)
             .max_decoding_message_size(ambit_api::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(ambit_api::MAX_MESSAGE_SIZE);
