@@ -1,7 +1,7 @@
 //! `cargo xtask cluster …`: the simulated cluster from the command line.
 //!
 //! ```text
-//! cargo xtask cluster up [--mesh [--no-daemons]] [--waypoint NS/NAME[@NODE,…]]… [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster up [--mesh [--no-daemons | --mode ambient|sidecar]] [--waypoint NS/NAME[@NODE,…]]… [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
 //! cargo xtask cluster status [--json]
 //! cargo xtask cluster exec NAMESPACE/POD -- CMD…
 //! cargo xtask cluster apply FILE | delete FILE
@@ -19,8 +19,8 @@ use std::{
 };
 
 use ambit_simcluster::{
-    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, Deleted, MeshOptions, Options,
-    Status, TeardownReport, Topology,
+    Cluster, ClusterName, DEFAULT_CLUSTER_NAME, DEFAULT_STATE_ROOT, DataPlaneMode, Deleted,
+    MeshOptions, Options, Status, TeardownReport, Topology,
 };
 use anyhow::{Context as _, bail};
 
@@ -121,6 +121,16 @@ struct UpArgs {
         allow_hyphen_values = true
     )]
     daemon_args: Vec<String>,
+    /// With --mesh: where the data plane's proxies run: `ambient` (one ambit-node per
+    /// node, pods enrolled through ambit-cni) or `sidecar` (one `ambit-node --mode
+    /// sidecar` inside every meshed pod, no node daemons).
+    #[arg(
+        long,
+        requires = "mesh",
+        conflicts_with = "no_daemons",
+        default_value = "ambient"
+    )]
+    mode: DataPlaneMode,
     /// Add a waypoint to the topology: NAMESPACE/NAME, one pod on each NODE
     /// (default: the first node); repeatable. Label a Service or Namespace with
     /// `ambit.dev/use-waypoint=NAME` to use it (`cluster label`).
@@ -245,6 +255,7 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
         opts = opts.mesh(MeshOptions {
             controller_args: args.controller_args.clone(),
             daemons: !args.no_daemons,
+            mode: args.mode,
             daemon_args: args.daemon_args.clone(),
             waypoint_args: args.waypoint_args.clone(),
             ..MeshOptions::default()
@@ -277,6 +288,17 @@ fn up(opts: Options, args: &UpArgs) -> anyhow::Result<()> {
             println!(
                 "     ip netns exec {} target/debug/ambitctl config-dump --admin 127.0.0.1:15000",
                 node.netns
+            );
+        }
+        if let Some(pod) = status
+            .mesh
+            .as_ref()
+            .and_then(|m| m.sidecars.first())
+            .and_then(|s| status.pods.iter().find(|p| p.pod_ref() == s.pod))
+        {
+            println!(
+                "     ip netns exec {} target/debug/ambitctl config-dump --admin 127.0.0.1:15000",
+                pod.netns
             );
         }
     }
@@ -542,6 +564,23 @@ fn print_status(st: &Status) {
                 }),
             );
         }
+    }
+    if let Some(mesh) = st.mesh.as_ref().filter(|m| !m.sidecars.is_empty()) {
+        println!();
+        println!("mesh data plane (sidecars, one per meshed pod; admin on each pod's loopback)");
+        table(
+            &["POD", "PID", "READINESS", "METRICS", "STATE DIR", "LOG"],
+            mesh.sidecars.iter().map(|s| {
+                vec![
+                    s.pod.to_string(),
+                    s.pid.to_string(),
+                    s.readiness_addr.to_string(),
+                    s.metrics_addr.to_string(),
+                    s.state_dir.display().to_string(),
+                    s.log.display().to_string(),
+                ]
+            }),
+        );
     }
     if let Some(mesh) = st.mesh.as_ref().filter(|m| !m.waypoints.is_empty()) {
         println!();

@@ -632,6 +632,16 @@ impl Cluster {
         create_network(&st)?;
         manifests::write_atomic(&st.cluster_config, manifests::cluster_yaml(&st)?.as_bytes())?;
         match &self.opts.mesh {
+            // Sidecar mode: each meshed pod's sidecar is ready (its pod captured)
+            // before the pod's workload starts, as with Istio's
+            // holdApplicationUntilProxyStarts; no node daemons, no CNI calls.
+            Some(mesh) if mesh.daemons && mesh.mode == crate::mesh::DataPlaneMode::Sidecar => {
+                self.start_mesh_control(mesh)?;
+                self.start_mesh_sidecars(mesh)?;
+                self.start_workloads(&st, false)?;
+                self.wait_ready()?;
+                self.start_mesh_waypoints(mesh)?;
+            }
             // The data plane comes before the workloads: a pod is handed to the CNI
             // plugin, and so to its node's daemon, before it runs, as under a kubelet.
             Some(mesh) if mesh.daemons => {

@@ -104,7 +104,10 @@
 //! before starting its workload, as a kubelet would (module [`cni`]); an ADD that fails
 //! fails `up` with the plugin's error JSON. Teardown calls CNI DEL (best effort) for
 //! those pods before it kills anything, and unmounts what the daemons mounted under the
-//! state directory.
+//! state directory. With [`MeshOptions::mode`] set to [`DataPlaneMode::Sidecar`] no
+//! node daemon runs and no CNI call is made: every meshed pod gets `ambit-node --mode
+//! sidecar` in its own namespace and cgroup, ready before its workload starts
+//! ([`Cluster::start_mesh_sidecars`]).
 //!
 //! # Waypoints
 //!
@@ -154,7 +157,10 @@ pub use crate::{
     },
     cni::{CniCommand, PodCni},
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
-    mesh::{ControllerInfo, DaemonInfo, MeshInfo, MeshOptions, WaypointProcessInfo},
+    mesh::{
+        ControllerInfo, DaemonInfo, DataPlaneMode, MeshInfo, MeshOptions, SidecarInfo,
+        WaypointProcessInfo,
+    },
     names::{
         ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
         TEST_NAME_PREFIX,

@@ -1,6 +1,8 @@
 //! The mesh on the simulated cluster: `ambit-controller` in local mode in the control
 //! namespace, reading the cluster's config directory, with bootstrap tokens provisioned
-//! for every node; and, with [`MeshOptions::daemons`], one `ambit-node` per node.
+//! for every node; and, with [`MeshOptions::daemons`], the data plane: in
+//! [`DataPlaneMode::Ambient`] one `ambit-node` per node, in [`DataPlaneMode::Sidecar`]
+//! one `ambit-node --mode sidecar` inside every meshed pod.
 //!
 //! ```text
 //! <state dir>/
@@ -12,6 +14,7 @@
 //!   nodes/<node>/                mode 0700: the daemon's --state-dir (bpffs at bpf/)
 //!     cni.sock                   its --cni-socket, for the ambit-cni plugin
 //!   waypoints/<ns>_<pod>/        mode 0700: a waypoint pod's --state-dir
+//!   sidecars/<ns>_<pod>/         mode 0700: a sidecar's --state-dir (its own bpffs at bpf/)
 //! ```
 //!
 //! A node daemon runs in its node's namespace, cgroup `<node>/system/ambit-node`:
@@ -23,6 +26,25 @@
 //!   --readiness-addr 0.0.0.0:15021 --admin-addr 127.0.0.1:15000
 //!   --metrics-addr 0.0.0.0:15020 [MeshOptions::daemon_args…]
 //! ```
+//!
+//! In sidecar mode no node daemon runs and no CNI call is made: before its workload
+//! starts, every meshed pod (its own or its namespace's `ambit.dev/dataplane-mode:
+//! ambient` label, as the controller decides; never a waypoint pod) gets a sidecar in
+//! its namespace and cgroup ([`Cluster::start_mesh_sidecars`]), capturing that pod
+//! only, subscribed as its node with the node's token; its readiness (the pod is
+//! captured and its certificate issued) is awaited before the workloads start:
+//!
+//! ```text
+//! ambit-node --mode sidecar --node-name <node> --controller-addr http://<control ip>:15012
+//!   --token-file <state>/tokens/<node>.token --state-dir <state>/sidecars/<ns>_<pod>
+//!   --pod-name <pod> --pod-namespace <ns> --pod-uid <uid> --pod-ip <pod ip>
+//!   --pod-netns /run/netns/<pod netns> --pod-cgroup <pod cgroup>
+//!   --readiness-addr 0.0.0.0:15021 --admin-addr 127.0.0.1:15000
+//!   --metrics-addr 0.0.0.0:15020 [MeshOptions::daemon_args…]
+//! ```
+//!
+//! A pod labelled into the mesh later ([`Cluster::label_namespace`]) gets no sidecar
+//! (as with sidecar injection, which happens when a pod is created).
 //!
 //! A waypoint (topology `waypoints`, see [`crate::topology::WaypointSpec`]) runs in
 //! each of its pods, in the pod's namespace and cgroup, once the control plane is up
@@ -83,6 +105,49 @@ pub const DAEMON_METRICS_PORT: u16 = 15020;
 /// How long [`Cluster::start_mesh_daemons`] waits for every daemon to be ready.
 pub const DEFAULT_DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A sidecar's process name in its pod (`pod_<ns>_<pod>_<name>.log`); the binary is
+/// [`DAEMON_BINARY`] with `--mode sidecar`.
+pub const SIDECAR_PROCESS: &str = "ambit-sidecar";
+/// Labels that put a pod or namespace in the mesh (`ambient`) or a pod out of it
+/// (`none`), as the controller reads them.
+pub const DATAPLANE_MODE_LABELS: [&str; 2] =
+    ["ambit.dev/dataplane-mode", "istio.io/dataplane-mode"];
+
+/// Where the mesh data plane's proxies run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DataPlaneMode {
+    /// One `ambit-node` per node; pods handed over by the `ambit-cni` plugin.
+    #[default]
+    Ambient,
+    /// One `ambit-node --mode sidecar` inside every meshed pod; no node daemons, no
+    /// CNI calls.
+    Sidecar,
+}
+
+impl std::fmt::Display for DataPlaneMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ambient => "ambient",
+            Self::Sidecar => "sidecar",
+        })
+    }
+}
+
+impl std::str::FromStr for DataPlaneMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ambient" => Ok(Self::Ambient),
+            "sidecar" => Ok(Self::Sidecar),
+            other => Err(format!(
+                "unknown data plane mode {other:?}: expected ambient or sidecar"
+            )),
+        }
+    }
+}
+
 /// The waypoint's binary, looked up in the binaries directory.
 pub const WAYPOINT_BINARY: &str = "ambit-waypoint";
 /// The waypoint's process name in its pod (`pod_<ns>_<pod>_<name>.log`).
@@ -109,9 +174,13 @@ pub struct MeshOptions {
     /// through the `ambit-cni` plugin before their workloads start. Off by default
     /// (control plane only).
     pub daemons: bool,
-    /// Extra flags for every `ambit-node` (e.g. `["--trust-domain", "cluster.local"]`).
+    /// Where the data plane's proxies run (with [`MeshOptions::daemons`]): node
+    /// daemons (default) or one sidecar per meshed pod.
+    pub mode: DataPlaneMode,
+    /// Extra flags for every `ambit-node`, node daemon or sidecar (e.g.
+    /// `["--trust-domain", "cluster.local"]`).
     pub daemon_args: Vec<String>,
-    /// How long to wait for every daemon's `/healthz/ready`.
+    /// How long to wait for every daemon's (or sidecar's) `/healthz/ready`.
     pub daemon_ready_timeout: Duration,
     /// Extra flags for every `ambit-waypoint`.
     pub waypoint_args: Vec<String>,
@@ -125,6 +194,7 @@ impl Default for MeshOptions {
             controller_args: Vec::new(),
             ready_timeout: DEFAULT_CONTROLLER_READY_TIMEOUT,
             daemons: false,
+            mode: DataPlaneMode::Ambient,
             daemon_args: Vec::new(),
             daemon_ready_timeout: DEFAULT_DAEMON_READY_TIMEOUT,
             waypoint_args: Vec::new(),
@@ -138,6 +208,16 @@ impl MeshOptions {
     pub fn with_daemons() -> Self {
         Self {
             daemons: true,
+            ..Self::default()
+        }
+    }
+
+    /// The control plane and the data plane in sidecar mode: one sidecar per meshed
+    /// pod, no node daemons.
+    pub fn with_sidecars() -> Self {
+        Self {
+            daemons: true,
+            mode: DataPlaneMode::Sidecar,
             ..Self::default()
         }
     }
@@ -163,6 +243,35 @@ pub struct MeshInfo {
     /// The waypoint processes, one per waypoint pod, once started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waypoints: Vec<WaypointProcessInfo>,
+    /// Sidecar mode: the sidecars, one per meshed pod, once started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<SidecarInfo>,
+}
+
+/// A running sidecar (`ambit-node --mode sidecar`): its pod, where it listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarInfo {
+    /// Its pod.
+    pub pod: PodRef,
+    /// Its pod's node (whose bootstrap token it uses).
+    pub node: String,
+    /// Its process name ([`SIDECAR_PROCESS`]), in [`Place::Pod`].
+    pub process: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Readiness, `<pod ip>:15021` (excluded from capture).
+    pub readiness_addr: SocketAddrV4,
+    /// Admin endpoints, on the pod namespace's loopback.
+    pub admin_addr: SocketAddrV4,
+    /// Metrics, `<pod ip>:15020` (excluded from capture).
+    pub metrics_addr: SocketAddrV4,
+    /// Its state directory, `<cluster state>/sidecars/<ns>_<pod>`.
+    pub state_dir: PathBuf,
+    /// Its bootstrap token file (its node's).
+    pub token_file: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// A running waypoint: its pod, where it listens.
@@ -324,6 +433,7 @@ impl Cluster {
             daemons: Vec::new(),
             waypoint_tokens,
             waypoints: Vec::new(),
+            sidecars: Vec::new(),
         };
         self.set_mesh(Some(info.clone()))?;
 
@@ -440,6 +550,114 @@ impl Cluster {
             .collect();
         self.wait_all_ready(&awaited, opts.daemon_ready_timeout)?;
         tracing::info!(cluster = %self.name(), daemons = started.len(), "mesh data plane ready");
+        Ok(started.into_iter().map(|(info, _)| info).collect())
+    }
+
+    /// The pods that are meshed by their labels or their namespace's (see
+    /// [`DATAPLANE_MODE_LABELS`]), as the controller decides; never waypoint pods.
+    pub fn meshed_pods(&self) -> Vec<crate::PodInfo> {
+        let st = self.status();
+        st.pods
+            .iter()
+            .filter(|p| {
+                let ns = st.namespaces.iter().find(|n| n.name == p.namespace);
+                p.waypoint.is_none() && is_meshed(&p.labels, ns.map(|n| &n.labels))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Sidecar mode: starts `ambit-node --mode sidecar` in every meshed pod (see the
+    /// module docs), in the pod's namespace and cgroup, pointed at the controller
+    /// with its node's bootstrap token, and returns once every sidecar's
+    /// `/healthz/ready` answers 200 (the pod is captured, its certificate issued).
+    /// Needs [`Cluster::start_mesh_control`] first. Recorded in the state file
+    /// (`MeshInfo::sidecars`) and stopped by `down`.
+    pub fn start_mesh_sidecars(&self, opts: &MeshOptions) -> Result<Vec<SidecarInfo>, Error> {
+        let binary = self.binary(DAEMON_BINARY)?;
+        let st = self.status();
+        let Some(mut mesh) = st.mesh.clone() else {
+            return Err(Error::MeshNotStarted);
+        };
+        let mut started = Vec::new();
+        for pod in self.meshed_pods() {
+            let pod_ref = pod.pod_ref();
+            let token_file = mesh
+                .node_tokens
+                .get(&pod.node)
+                .cloned()
+                .ok_or_else(|| Error::UnknownNode(pod.node.clone()))?;
+            let state_dir = st.state_dir.join("sidecars").join(pod_ref.file_stem());
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&state_dir)
+                .map_err(|source| Error::Io {
+                    op: "creating",
+                    path: state_dir.clone(),
+                    source,
+                })?;
+            let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).to_string();
+            let admin_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, DAEMON_ADMIN_PORT);
+            let uid = crate::manifests::pod_uid(&st, &pod.namespace, &pod.name);
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--mode")
+                .arg("sidecar")
+                .arg("--node-name")
+                .arg(&pod.node)
+                .arg("--controller-addr")
+                .arg(format!("http://{}", mesh.controller.grpc_addr))
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("--pod-name")
+                .arg(&pod.name)
+                .arg("--pod-namespace")
+                .arg(&pod.namespace)
+                .arg("--pod-uid")
+                .arg(&uid)
+                .arg("--pod-ip")
+                .arg(pod.ip.to_string())
+                .arg("--pod-netns")
+                .arg(pod.netns_path())
+                .arg("--pod-cgroup")
+                .arg(&pod.cgroup)
+                .arg("--readiness-addr")
+                .arg(any(DAEMON_READINESS_PORT))
+                .arg("--admin-addr")
+                .arg(admin_addr.to_string())
+                .arg("--metrics-addr")
+                .arg(any(DAEMON_METRICS_PORT))
+                .args(&opts.daemon_args);
+            let process = self.spawn(Place::Pod(pod_ref.clone()), SIDECAR_PROCESS, cmd)?;
+            let info = SidecarInfo {
+                pod: pod_ref.clone(),
+                node: pod.node.clone(),
+                process: SIDECAR_PROCESS.to_owned(),
+                pid: process.pid,
+                readiness_addr: SocketAddrV4::new(pod.ip, DAEMON_READINESS_PORT),
+                admin_addr,
+                metrics_addr: SocketAddrV4::new(pod.ip, DAEMON_METRICS_PORT),
+                state_dir,
+                token_file,
+                log: process.log.clone(),
+            };
+            mesh.sidecars.retain(|s| s.pod != pod_ref);
+            mesh.sidecars.push(info.clone());
+            self.set_mesh(Some(mesh.clone()))?;
+            started.push((info, process));
+        }
+        let awaited: Vec<Awaited<'_>> = started
+            .iter()
+            .map(|(info, process)| Awaited {
+                place: Place::Pod(info.pod.clone()),
+                readiness: SocketAddr::V4(info.readiness_addr),
+                process,
+            })
+            .collect();
+        self.wait_all_ready(&awaited, opts.daemon_ready_timeout)?;
+        tracing::info!(cluster = %self.name(), sidecars = started.len(), "mesh sidecars ready");
         Ok(started.into_iter().map(|(info, _)| info).collect())
     }
 
@@ -639,6 +857,24 @@ impl Cluster {
     }
 }
 
+/// Whether a pod with `labels` in a namespace with `ns_labels` is in the mesh: its own
+/// dataplane-mode label decides (`ambient` in, `none` out), else its namespace's.
+fn is_meshed(
+    labels: &BTreeMap<String, String>,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    fn mode(l: &BTreeMap<String, String>) -> Option<&str> {
+        DATAPLANE_MODE_LABELS
+            .iter()
+            .find_map(|k| l.get(*k).map(String::as_str))
+    }
+    match mode(labels) {
+        Some("ambient") => true,
+        Some("none") => false,
+        _ => ns_labels.and_then(mode) == Some("ambient"),
+    }
+}
+
 /// A process whose readiness is awaited.
 struct Awaited<'a> {
     place: Place,
@@ -694,6 +930,30 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn membership_follows_the_pod_label_then_the_namespace() {
+        let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let ambient_ns = l(&[("ambit.dev/dataplane-mode", "ambient")]);
+        assert!(is_meshed(&l(&[]), Some(&ambient_ns)));
+        assert!(!is_meshed(&l(&[]), Some(&l(&[]))));
+        assert!(!is_meshed(&l(&[]), None));
+        assert!(!is_meshed(
+            &l(&[("istio.io/dataplane-mode", "none")]),
+            Some(&ambient_ns)
+        ));
+        assert!(is_meshed(
+            &l(&[("istio.io/dataplane-mode", "ambient")]),
+            Some(&l(&[]))
+        ));
+        assert_eq!("sidecar".parse(), Ok(DataPlaneMode::Sidecar));
+        assert!("both".parse::<DataPlaneMode>().is_err());
+    }
 
     #[test]
     fn responses_parse() {
