@@ -16,6 +16,7 @@ use http::Method;
 use crate::{
     call::CallConfig,
     client::{HeaderArg, Protocol, RequestSpec, RequestSpecError, Target},
+    grpc::{self, GrpcConfig},
     hold::HoldConfig,
     load::{LoadConfig, LoadTarget, Stop},
     serve::{FaultError, Faults, Identity, ServeConfig},
@@ -41,6 +42,10 @@ pub enum Command {
     /// stderr. Exits 1 when no response arrives (or the status differs from
     /// --expect-status).
     Call(CallArgs),
+    /// Make gRPC echo calls one after another on one connection; print one JSON
+    /// summary (calls by status code and answering pod) to stdout. Failed calls are
+    /// counted in the summary; the exit status is 1 only when the run could not happen.
+    Grpc(GrpcArgs),
     /// Generate load and print one JSON summary to stdout. Failed requests are counted
     /// in the summary; the exit status is 1 only when the run could not happen.
     Load(LoadArgs),
@@ -71,6 +76,9 @@ pub struct ServeArgs {
     /// TCP discard sink listen address (reads and drops everything; for `stream`).
     #[arg(long, env = "ECHO_DISCARD_ADDR", default_value = "0.0.0.0:9091")]
     pub discard_addr: SocketAddr,
+    /// gRPC echo listen address (h2c, `ambit.echo.v1.Echo`).
+    #[arg(long, env = "ECHO_GRPC_ADDR", default_value = "0.0.0.0:7070")]
+    pub grpc_addr: SocketAddr,
     /// Fraction (0.0 to 1.0) of requests answered with --fail-status.
     #[arg(long, env = "ECHO_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fail_rate)]
     pub fail_rate: f64,
@@ -107,6 +115,24 @@ pub struct CallArgs {
     /// Exit 1 unless the response has this status.
     #[arg(long, value_name = "STATUS")]
     pub expect_status: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct GrpcArgs {
+    /// http://HOST:PORT of the gRPC server (h2c).
+    pub url: Target,
+    /// The method to call.
+    #[arg(long, value_enum, default_value = "echo")]
+    pub method: grpc::Method,
+    /// Number of calls, one after another.
+    #[arg(short = 'n', long = "calls", default_value = "1")]
+    pub calls: NonZeroU64,
+    /// Request metadata `name: value` on every call; repeatable.
+    #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
+    pub metadata: Vec<HeaderArg>,
+    /// Deadline per call, including connecting when needed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +245,7 @@ impl ServeArgs {
             http_addr: self.http_addr,
             tcp_addr: self.tcp_addr,
             discard_addr: self.discard_addr,
+            grpc_addr: self.grpc_addr,
             faults: Faults::new(self.fail_rate, self.fail_status)?,
             drain_timeout: self.drain.drain_timeout,
         })
@@ -237,6 +264,18 @@ impl CallArgs {
             request: RequestSpec::new(&self.url, protocol, self.method, self.headers, body)?,
             timeout: self.timeout,
         })
+    }
+}
+
+impl GrpcArgs {
+    pub fn into_config(self) -> GrpcConfig {
+        GrpcConfig {
+            target: self.url,
+            method: self.method,
+            calls: self.calls,
+            timeout: self.timeout,
+            metadata: self.metadata,
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! The sample workload of the simulated cluster.
 //!
-//! One binary, five jobs:
+//! One binary, six jobs:
 //! - [`serve`]: an HTTP/1.1 + h2c echo server that reports which pod answered, with
-//!   per-request and per-process failure injection, plus a raw TCP echo listener and a
-//!   TCP discard sink;
+//!   per-request and per-process failure injection and request counters ([`stats`]),
+//!   plus a gRPC echo service ([`grpc`]), a raw TCP echo listener and a TCP discard
+//!   sink;
 //! - [`call`]: one HTTP request, printing the answer (a scriptable `curl`);
+//! - [`grpc::run`]: a run of gRPC calls, counted by status and answering pod;
 //! - [`load`]: a load client that counts answers by status, pod and version and prints
 //!   one JSON [`load::Summary`];
 //! - [`stream`]: bulk TCP throughput to the discard sink ([`stream::StreamSummary`]);
@@ -19,9 +21,11 @@
 pub mod call;
 pub mod cli;
 pub mod client;
+pub mod grpc;
 pub mod hold;
 pub mod load;
 pub mod serve;
+pub mod stats;
 pub mod stream;
 
 /// Response header naming the pod that answered.
@@ -39,3 +43,5 @@ pub const DELAY_HEADER: &str = "x-echo-delay-ms";
 pub const CONTROL_PATH: &str = "/_echo/control";
 /// Path of the readiness endpoint (never subject to failure injection).
 pub const HEALTH_PATH: &str = "/_echo/health";
+/// Path of the per-process request counters ([`stats::Counts`]).
+pub const STATS_PATH: &str = "/_echo/stats";

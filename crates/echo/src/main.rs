@@ -6,7 +6,7 @@ use std::{io::Write as _, process::ExitCode};
 use ambit_echo::{
     call,
     cli::{Cli, Command},
-    hold, load, serve, stream,
+    grpc, hold, load, serve, stream,
 };
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
@@ -71,6 +71,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 bail!("expected status {want}, got {}", resp.status.as_u16());
             }
+        }
+        Command::Grpc(args) => {
+            let summary = grpc::run(args.into_config()).await?;
+            let json = serde_json::to_string(&summary).context("serializing the summary")?;
+            println!("{json}");
         }
         Command::Load(args) => {
             let summary = load::run(args.into_config()?).await?;

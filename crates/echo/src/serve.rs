@@ -1,5 +1,6 @@
-//! The echo server: HTTP/1.1 and h2c on one port, raw TCP echo on another, and a TCP
-//! discard sink (reads and drops everything, for throughput measurements) on a third.
+//! The echo server: HTTP/1.1 and h2c on one port, raw TCP echo on another, a TCP
+//! discard sink (reads and drops everything, for throughput measurements) on a third,
+//! and the gRPC echo service ([`crate::grpc`]) on a fourth.
 //!
 //! Every HTTP answer says which pod, namespace and version produced it and what the
 //! server saw (peer address, method, path, protocol, headers, body size), so mesh tests
@@ -7,8 +8,9 @@
 //!
 //! Status selection, in order: the `x-echo-status` request header if present; otherwise
 //! the process-wide failure injection (a `fail_rate` fraction of requests answer
-//! `fail_status`); otherwise 200. `/_echo/health` and `/_echo/control` are never subject
-//! to either.
+//! `fail_status`); otherwise 200. `/_echo/health`, `/_echo/control` and `/_echo/stats`
+//! are never subject to either. `GET /_echo/stats` answers what the process served so
+//! far ([`crate::stats::Counts`]).
 //!
 //! Body selection: with an `x-echo-response-bytes: N` request header the answer's body
 //! is exactly `N` bytes (`application/octet-stream`, at most [`MAX_RESPONSE_BYTES`]),
@@ -44,8 +46,8 @@ use tokio::{
 };
 
 use crate::{
-    CONTROL_PATH, DELAY_HEADER, HEALTH_PATH, POD_HEADER, RESPONSE_BYTES_HEADER, STATUS_HEADER,
-    VERSION_HEADER,
+    CONTROL_PATH, DELAY_HEADER, HEALTH_PATH, POD_HEADER, RESPONSE_BYTES_HEADER, STATS_PATH,
+    STATUS_HEADER, VERSION_HEADER, grpc, stats::Stats,
 };
 
 /// Longest delay `x-echo-delay-ms` may ask for.
@@ -89,6 +91,8 @@ pub struct ServeConfig {
     pub tcp_addr: SocketAddr,
     /// TCP discard sink: reads and drops everything, closes after the client's EOF.
     pub discard_addr: SocketAddr,
+    /// gRPC echo (h2c).
+    pub grpc_addr: SocketAddr,
     pub faults: Faults,
     /// How long in-flight requests and TCP echo connections may take to finish once
     /// shutdown starts; whatever is left after that is dropped.
@@ -123,6 +127,12 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("binding the gRPC listener on {addr}")]
+    BindGrpc {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading the local address of the {0} listener")]
     LocalAddr(&'static str, #[source] io::Error),
 }
@@ -137,9 +147,12 @@ pub struct Bound {
     pub tcp_addr: SocketAddr,
     /// Where the TCP discard sink is served.
     pub discard_addr: SocketAddr,
+    /// Where gRPC echo is served.
+    pub grpc_addr: SocketAddr,
     http: TcpListener,
     tcp: TcpListener,
     discard: TcpListener,
+    grpc: TcpListener,
     state: Arc<State>,
     drain_timeout: Duration,
 }
@@ -150,7 +163,9 @@ struct State {
     identity: Identity,
     pod_header: HeaderValue,
     version_header: HeaderValue,
-    faults: Mutex<Faults>,
+    /// Shared with the gRPC service.
+    faults: Arc<Mutex<Faults>>,
+    stats: Arc<Stats>,
 }
 
 /// The JSON body of every echo answer.
@@ -196,9 +211,9 @@ enum ControlError {
     Range(#[from] FaultError),
 }
 
-/// Binds the three listeners. Port 0 picks a free port; the chosen ones are in the
-/// result. The discard listener is bound before the TCP echo listener, so a caller that
-/// waits for the echo ports to listen finds the sink listening too.
+/// Binds the four listeners. Port 0 picks a free port; the chosen ones are in the
+/// result. The discard and gRPC listeners are bound before the TCP echo listener, so a
+/// caller that waits for the echo ports to listen finds them listening too.
 pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
     let header = |field: &'static str, value: &str| {
         HeaderValue::from_str(value).map_err(|source| ServeError::Identity {
@@ -222,6 +237,12 @@ pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
             addr: config.discard_addr,
             source,
         })?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| ServeError::BindGrpc {
+            addr: config.grpc_addr,
+            source,
+        })?;
     let tcp = TcpListener::bind(config.tcp_addr)
         .await
         .map_err(|source| ServeError::BindTcp {
@@ -238,14 +259,19 @@ pub async fn bind(config: ServeConfig) -> Result<Bound, ServeError> {
         discard_addr: discard
             .local_addr()
             .map_err(|e| ServeError::LocalAddr("discard", e))?,
+        grpc_addr: grpc
+            .local_addr()
+            .map_err(|e| ServeError::LocalAddr("gRPC", e))?,
         http,
         tcp,
         discard,
+        grpc,
         state: Arc::new(State {
             identity: config.identity,
             pod_header,
             version_header,
-            faults: Mutex::new(config.faults),
+            faults: Arc::new(Mutex::new(config.faults)),
+            stats: Arc::default(),
         }),
         drain_timeout: config.drain_timeout,
     })
@@ -340,17 +366,19 @@ impl Bound {
             http_addr,
             tcp_addr,
             discard_addr,
+            grpc_addr,
             http,
             tcp,
             discard,
+            grpc,
             state,
             drain_timeout,
         } = self;
         let id = &state.identity;
         tracing::info!(
-            %http_addr, %tcp_addr, %discard_addr, pod = %id.pod, namespace = %id.namespace,
+            %http_addr, %tcp_addr, %discard_addr, %grpc_addr, pod = %id.pod, namespace = %id.namespace,
             version = %id.version, faults = ?state.faults(),
-            "ambit-echo serving HTTP on {http_addr}, TCP echo on {tcp_addr}, TCP discard on {discard_addr}"
+            "ambit-echo serving HTTP on {http_addr}, TCP echo on {tcp_addr}, TCP discard on {discard_addr}, gRPC on {grpc_addr}"
         );
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -361,6 +389,16 @@ impl Bound {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
+        let grpc_service = grpc::EchoService::new(
+            state.identity.clone(),
+            Arc::clone(&state.faults),
+            Arc::clone(&state.stats),
+        );
+        let mut grpc_stop = stop_rx.clone();
+        let grpc_server = tokio::spawn(grpc::serve(grpc, grpc_service, async move {
+            // An Err means the sender is gone, which only happens once run() is over.
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        }));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -398,11 +436,14 @@ impl Bound {
         drop(discard);
         stop_tx.send_replace(true);
         tracing::info!(connections = conns.len(), ?drain_timeout, "draining");
+        let grpc_abort = grpc_server.abort_handle();
         ambit_runtime::drain_with_deadline(drain_timeout, async {
             while conns.join_next().await.is_some() {}
+            let _ = grpc_server.await;
         })
         .await;
         conns.shutdown().await;
+        grpc_abort.abort();
     }
 }
 
@@ -539,6 +580,8 @@ async fn handle(
         state.response(StatusCode::OK, "text/plain", Bytes::from_static(b"ok"))
     } else if path == CONTROL_PATH {
         control(&state, req).await
+    } else if path == STATS_PATH {
+        state.json(StatusCode::OK, &state.stats.snapshot())
     } else {
         echo(&state, peer, req).await
     })
@@ -644,6 +687,8 @@ async fn echo(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respon
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // Counted on arrival, so a proxy that gives up during the delay still shows here.
+    state.stats.record_http(status.as_u16());
     if let Some(ms) = delay.filter(|ms| *ms > 0) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }

@@ -58,6 +58,7 @@ impl Server {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             tcp_addr: "127.0.0.1:0".parse().unwrap(),
             discard_addr: "127.0.0.1:0".parse().unwrap(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
             faults,
             drain_timeout,
         })
