@@ -120,6 +120,15 @@ pub struct Config {
     /// the one replica writing status conditions lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "ambit-system")]
     pub controller_namespace: String,
+    /// Kubernetes mode: container image of the `ambit-waypoint` Deployments the
+    /// controller creates for waypoint Gateways.
+    #[arg(long, env = "AMBIT_WAYPOINT_IMAGE", default_value = crate::waypoint_deploy::DEFAULT_WAYPOINT_IMAGE)]
+    pub waypoint_image: String,
+    /// Kubernetes mode: the controller's gRPC address as waypoint pods reach it;
+    /// default `http://ambit-controller.<--controller-namespace>.svc:<port of
+    /// --grpc-addr>` (the chart's Service).
+    #[arg(long, env = "AMBIT_WAYPOINT_CONTROLLER_ADDR")]
+    pub waypoint_controller_addr: Option<String>,
     #[command(flatten)]
     #[serde(skip)]
     pub admin: AdminArgs,
@@ -217,6 +226,16 @@ pub enum BuildError {
     /// `--bootstrap-tokens` is unusable.
     #[error(transparent)]
     Tokens(#[from] TokensError),
+    /// A waypoint deployment flag is unusable.
+    #[error("{flag} {value:?}: {reason}")]
+    Waypoint {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The Kubernetes client could not be built.
     #[error("Kubernetes mode (no --config-dir given)")]
     Kube(#[source] crate::source::kube::ClientFromEnvError),
@@ -423,11 +442,13 @@ pub async fn build(config: &Config) -> Result<Bound, BuildError> {
                     }
                 }
             }));
-            // Every replica serves config; only the Lease holder writes status, so
-            // replicas never fight over conditions.
-            tasks.push(tokio::spawn(crate::status::run_status_writer_elected(
+            // Every replica serves config; only the Lease holder writes status and
+            // the waypoints' objects, so replicas never fight over them.
+            tasks.push(tokio::spawn(crate::waypoint_deploy::run_elected(
                 client.clone(),
                 worlds.clone(),
+                waypoint_deploy_config(config)?,
+                crate::status::StatusWriterConfig::default(),
                 crate::status::LeaseConfig::new(
                     config.controller_namespace.clone(),
                     config.controller_id.clone(),
@@ -554,6 +575,47 @@ pub async fn authenticator(config: &Config) -> Result<Arc<dyn Authenticator>, Bu
             Arc::new(BootstrapTokens::none())
         }
     })
+}
+
+/// What the waypoint deployer puts in waypoint Deployments (Kubernetes mode).
+pub fn waypoint_deploy_config(
+    config: &Config,
+) -> Result<crate::waypoint_deploy::WaypointDeployConfig, BuildError> {
+    let image = config.waypoint_image.trim();
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Err(BuildError::Waypoint {
+            flag: "--waypoint-image",
+            value: config.waypoint_image.clone(),
+            reason: "must be a container image reference",
+        });
+    }
+    let controller_addr = match &config.waypoint_controller_addr {
+        Some(addr) => {
+            let uri: Option<http::Uri> = addr.parse().ok();
+            let usable = uri.is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !usable {
+                return Err(BuildError::Waypoint {
+                    flag: "--waypoint-controller-addr",
+                    value: addr.clone(),
+                    reason: "must be an http:// or https:// URL with a host",
+                });
+            }
+            addr.clone()
+        }
+        None => format!(
+            "http://ambit-controller.{}.svc:{}",
+            config.controller_namespace,
+            config.grpc_addr.port()
+        ),
+    };
+    Ok(crate::waypoint_deploy::WaypointDeployConfig::new(
+        image,
+        controller_addr,
+        config.trust_domain.clone(),
+        config.token_audience.clone(),
+    ))
 }
 
 /// The Kubernetes-mode authenticator: TokenReview of projected tokens.

@@ -17,4 +17,5 @@ pub mod status;
 pub mod translate;
 pub mod validate;
 pub mod view;
+pub mod waypoint_deploy;
 pub mod world;

@@ -25,9 +25,12 @@
 //!   `Accepted` condition (reason `Accepted`, or `UnsupportedValue` when rejected).
 //!   Parents that are not Services belong to other controllers and are not written
 //!   for; a route without Service parents gets no status from Ambit.
-//! - **Gateway** (`gatewayClassName: ambit-waypoint` only): `status.conditions` with
-//!   `Accepted` (reason `Accepted` / `Invalid`) and, when rejected, `Programmed:
-//!   False` (reason `Invalid`).
+//! - **Gateway** (`gatewayClassName: ambit-waypoint` or `istio-waypoint` only):
+//!   `status.conditions` with `Accepted` (reason `Accepted` / `Invalid`) and
+//!   `Programmed`: `False` (reason `Invalid`) when rejected; otherwise, in Kubernetes
+//!   mode, what the waypoint deployer ([`crate::waypoint_deploy`]) reports
+//!   ([`StatusReport::programmed`]: `True` once the waypoint's ServiceAccount, Service
+//!   and Deployment are applied, `False` with the reason why not).
 //!
 //! A condition's `lastTransitionTime` changes only when its `status` does. The writer
 //! remembers what it wrote and writes again only when that changes, so its own writes
@@ -59,7 +62,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    model::waypoint::WAYPOINT_CLASS,
+    model::waypoint::{ISTIO_WAYPOINT_CLASS, WAYPOINT_CLASS},
     resources::{ParsedDocument, Resource, ResourceKind},
     source::kube::api_resource,
     validate::{Outcome, Validated},
@@ -102,6 +105,20 @@ pub struct StatusReport {
     pub parent_refs: Vec<Value>,
     /// Gateways: `spec.gatewayClassName` as written.
     pub gateway_class: Option<String>,
+    /// Accepted waypoint Gateways: the `Programmed` condition (None: not written).
+    pub programmed: Option<ProgrammedStatus>,
+}
+
+/// The `Programmed` condition of an accepted waypoint Gateway: whether the objects
+/// that run it exist (see [`crate::waypoint_deploy`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedStatus {
+    /// Whether the waypoint's objects are applied.
+    pub programmed: bool,
+    /// Condition reason: `Programmed`, `Invalid`, `Pending` or `Conflict`.
+    pub reason: &'static str,
+    /// What was applied, or why not, in plain words.
+    pub message: String,
 }
 
 impl StatusReport {
@@ -150,6 +167,7 @@ impl StatusReport {
             message: validated.status_entry().reason,
             parent_refs: spec["parentRefs"].as_array().cloned().unwrap_or_default(),
             gateway_class: spec["gatewayClassName"].as_str().map(str::to_owned),
+            programmed: None,
         })
     }
 }
@@ -185,6 +203,7 @@ pub fn reports_of(world: &World) -> Vec<StatusReport> {
                 message: r.message,
                 parent_refs: spec["parentRefs"].as_array().cloned().unwrap_or_default(),
                 gateway_class: spec["gatewayClassName"].as_str().map(str::to_owned),
+                programmed: None,
             })
         })
         .collect()
@@ -322,7 +341,10 @@ impl Desired {
                 (Shape::Route, vec![accepted("UnsupportedValue")], parents)
             }
             ResourceKind::Gateway => {
-                if r.gateway_class.as_deref() != Some(WAYPOINT_CLASS) {
+                if !matches!(
+                    r.gateway_class.as_deref(),
+                    Some(WAYPOINT_CLASS | ISTIO_WAYPOINT_CLASS)
+                ) {
                     return None;
                 }
                 let mut conds = vec![accepted(reason)];
@@ -332,6 +354,13 @@ impl Desired {
                         status: false,
                         reason,
                         message: message.clone(),
+                    });
+                } else if let Some(p) = &r.programmed {
+                    conds.push(Cond {
+                        type_: "Programmed",
+                        status: p.programmed,
+                        reason: p.reason,
+                        message: truncate(p.message.clone()),
                     });
                 }
                 (Shape::Gateway, conds, vec![])
@@ -532,9 +561,9 @@ pub async fn run_status_writer_with<T, F>(
     }
 }
 
-/// Lease-based leader election for the status writer (DESIGN §5: every replica
-/// serves config, one writes status). A `coordination.k8s.io/v1` Lease names the
-/// writer; the holder renews it, and another replica takes it over once it has not
+/// Lease-based leader election for the status writer and the waypoint deployer
+/// (DESIGN §5: every replica serves config, one writes status and waypoint objects).
+/// A `coordination.k8s.io/v1` Lease names the writer; the holder renews it, and another replica takes it over once it has not
 /// changed for `lease_duration` (measured on the taker's own clock, as client-go does,
 /// so clock skew between replicas does not matter).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -598,8 +627,36 @@ pub async fn run_elected<T, F>(
     T: Clone + Send + Sync + 'static,
     F: FnMut(&T) -> Vec<StatusReport> + Clone,
 {
+    let writer_client = client.clone();
+    let writer_input = input.clone();
+    run_while_leading(client, &input, lease, "writing status", move || {
+        run_status_writer_with(
+            writer_client.clone(),
+            writer_input.clone(),
+            reports.clone(),
+            config.clone(),
+        )
+    })
+    .await;
+}
+
+/// Runs `term()` while this replica holds the Lease of `lease`, and only then: a
+/// term's future is dropped (stopped) as soon as the Lease is lost or cannot be
+/// renewed within `renew_deadline`, and a new one is started when the Lease is held
+/// again. Returns when `input`'s sender is gone or a term's future returns. `what`
+/// names the work in logs.
+pub async fn run_while_leading<T, W, Fut>(
+    client: Client,
+    input: &watch::Receiver<T>,
+    lease: LeaseConfig,
+    what: &str,
+    mut term: W,
+) where
+    W: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut elector = Elector {
-        api: Api::namespaced(client.clone(), &lease.namespace),
+        api: Api::namespaced(client, &lease.namespace),
         config: lease,
         observed: None,
     };
@@ -613,40 +670,35 @@ pub async fn run_elected<T, F>(
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => {
-                    warn!(lease = %elector.config.name, error = %e, "acquiring the status lease failed")
+                    warn!(lease = %elector.config.name, error = %e, "acquiring the leader lease failed")
                 }
             }
             tokio::time::sleep(elector.config.retry_period).await;
         }
-        info!(lease = %elector.config.name, identity = %elector.config.identity, "holding the status lease: writing status");
-        let writer = run_status_writer_with(
-            client.clone(),
-            input.clone(),
-            reports.clone(),
-            config.clone(),
-        );
-        let mut writer = std::pin::pin!(writer);
+        info!(lease = %elector.config.name, identity = %elector.config.identity, "holding the leader lease: {what}");
+        let work = term();
+        let mut work = std::pin::pin!(work);
         let mut renewed = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                () = &mut writer => return,
+                () = &mut work => return,
                 () = tokio::time::sleep(elector.config.retry_period) => {
                     match elector.try_acquire_or_renew().await {
                         Ok(true) => renewed = tokio::time::Instant::now(),
                         Ok(false) => {
-                            warn!(lease = %elector.config.name, "the status lease was taken over: no longer writing status");
+                            warn!(lease = %elector.config.name, "the leader lease was taken over: no longer {what}");
                             break;
                         }
                         Err(e) if renewed.elapsed() >= elector.config.renew_deadline => {
-                            warn!(lease = %elector.config.name, error = %e, "could not renew the status lease in time: no longer writing status");
+                            warn!(lease = %elector.config.name, error = %e, "could not renew the leader lease in time: no longer {what}");
                             break;
                         }
-                        Err(e) => debug!(lease = %elector.config.name, error = %e, "renewing the status lease failed; retrying"),
+                        Err(e) => debug!(lease = %elector.config.name, error = %e, "renewing the leader lease failed; retrying"),
                     }
                 }
             }
         }
-        // Dropping the writer stops it; a later term starts afresh (reading status first).
+        // Dropping the term's future stops it; a later term starts afresh.
     }
 }
 
@@ -862,6 +914,7 @@ mod tests {
                 json!({"name": "ingress"}),
             ],
             gateway_class: Some(WAYPOINT_CLASS.into()),
+            programmed: None,
         }
     }
 
@@ -912,6 +965,35 @@ mod tests {
         other.gateway_class = Some("istio".into());
         assert!(Desired::from_report(&other).is_none());
         assert!(Desired::from_report(&report(ResourceKind::Pod, true)).is_none());
+    }
+
+    #[test]
+    fn accepted_waypoints_carry_the_deployers_programmed_condition() {
+        let mut r = report(ResourceKind::Gateway, true);
+        r.gateway_class = Some(ISTIO_WAYPOINT_CLASS.into());
+        let d = Desired::from_report(&r).unwrap();
+        assert_eq!(d.conditions.len(), 1, "no verdict yet: Accepted only");
+        r.programmed = Some(ProgrammedStatus {
+            programmed: false,
+            reason: "Conflict",
+            message: "Service ns/x is not ours".into(),
+        });
+        let d = Desired::from_report(&r).unwrap();
+        let status = d.render(&Times::new());
+        assert_eq!(status["conditions"][0]["type"], "Accepted");
+        assert_eq!(status["conditions"][0]["status"], "True");
+        assert_eq!(status["conditions"][1]["type"], "Programmed");
+        assert_eq!(status["conditions"][1]["status"], "False");
+        assert_eq!(status["conditions"][1]["reason"], "Conflict");
+        assert_eq!(
+            status["conditions"][1]["message"],
+            "Service ns/x is not ours"
+        );
+        // A rejected Gateway is not programmed, whatever the deployer says.
+        let mut rejected = report(ResourceKind::Gateway, false);
+        rejected.programmed = r.programmed.clone();
+        let d = Desired::from_report(&rejected).unwrap();
+        assert_eq!(d.conditions[1].reason, "Invalid");
     }
 
     #[test]

@@ -415,6 +415,7 @@ fn rejected_report(generation: i64, message: &str) -> StatusReport {
         message: message.into(),
         parent_refs: Vec::new(),
         gateway_class: None,
+        programmed: None,
     }
 }
 

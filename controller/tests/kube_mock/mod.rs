@@ -5,9 +5,15 @@
 //! requested `resourceVersion`) for the collections a test registers, `404` with a
 //! `Status` body for every other collection (a CRD that is not installed), GET of
 //! single objects and their `status`, PATCH of `status` (stored, and announced to
-//! watchers like the real API server does), create (POST) and replace (PUT, with the
-//! `resourceVersion` compare-and-swap that leader election relies on). Every request
-//! is recorded.
+//! watchers like the real API server does), server-side apply of whole objects (PATCH
+//! without subresource: the body becomes the object, keeping its uid and status; a
+//! real server would merge with fields other managers own), create (POST) and
+//! replace (PUT, with the `resourceVersion` compare-and-swap that leader election
+//! relies on). Every request is recorded.
+#![allow(
+    dead_code,
+    reason = "shared by several test binaries, each using part of it"
+)]
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -154,6 +160,11 @@ impl FakeApi {
             state,
             server,
         }
+    }
+
+    /// The server's URL, `http://127.0.0.1:<port>`.
+    pub fn client_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// A client for this server.
@@ -398,6 +409,27 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             let obj = obj.clone();
             publish(coll, rv, "MODIFIED", &obj);
             respond(200, &obj)
+        }
+        (Method::PATCH, Some(name), None) => {
+            let key = (ns.unwrap_or_default(), name);
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let (code, kind) = match coll.objects.get(&key) {
+                Some(current) => {
+                    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                    if !current["status"].is_null() {
+                        obj["status"] = current["status"].clone();
+                    }
+                    (200, "MODIFIED")
+                }
+                None => {
+                    obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
+                    (201, "ADDED")
+                }
+            };
+            coll.objects.insert(key, obj.clone());
+            publish(coll, rv, kind, &obj);
+            respond(code, &obj)
         }
         (Method::POST, None, None) => {
             let mut obj = body;
