@@ -6,7 +6,9 @@
 //! packet capture on the underlay): same-node and cross-node calls carried in mutual
 //! TLS with the identities on both ends, calls by Service VIP, an AuthorizationPolicy
 //! refusing a caller, and PeerAuthentication STRICT refusing the unmeshed
-//! `legacy-client`. Any scenario that does not behave as described fails the demo
+//! `legacy-client`; then L7 through a waypoint (module [`waypoint`]): a 90/10 split,
+//! retries, a timeout, outlier detection and an L7 AuthorizationPolicy. Any scenario
+//! that does not behave as described fails the demo
 //! (non-zero exit, `✘` and what was seen instead); the cluster is torn down in every
 //! case (dropping the [`Cluster`] handle tears it down on an early return).
 
@@ -25,6 +27,8 @@ use ambit_simcluster::{Cluster, ClusterName, MeshOptions, Options, PodInfo, Topo
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{setup, test::cargo, workspace_root};
+
+mod waypoint;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -74,12 +78,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         println!("(removed the leftovers of an earlier demo run)");
     }
 
-    heading("Bringing up the simulated cluster with the mesh (the default topology: a small shop)");
+    heading(
+        "Bringing up the simulated cluster with the mesh (the default topology, a small shop, \
+         with a waypoint in production)",
+    );
     let opts = Options::new(name)
         .binaries_dir(workspace_root().join("target/debug"))
         .mesh(MeshOptions::with_daemons());
-    let cluster =
-        Cluster::up(opts, &Topology::default_shop()).context("bringing the demo cluster up")?;
+    // The waypoint's pod gets its address after every workload pod: the shop's
+    // addresses stay those of the default topology.
+    let topology = Topology::default_shop().with_waypoint(
+        waypoint::NAMESPACE,
+        waypoint::NAME,
+        &[waypoint::NODE],
+    );
+    let cluster = Cluster::up(opts, &topology).context("bringing the demo cluster up")?;
     // From here on an error drops `cluster`, which tears it down.
     let demo = Demo::new(&cluster)?;
     demo.describe()?;
@@ -89,13 +102,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     demo.authorization_policy()?;
     demo.strict_mtls()?;
     demo.burst()?;
+    demo.waypoint()?;
 
     heading("What this shows");
     println!(
         "   No pod was changed: the node daemons captured the pods' connections with eBPF and\n   \
          carried them in mutual TLS (HBONE on port 15008), each end proving its identity with a\n   \
          certificate from the controller. Istio's AuthorizationPolicy and PeerAuthentication YAML\n   \
-         decided who got in, for new connections, moments after it was written."
+         decided who got in, for new connections, moments after it was written. Once payment was\n   \
+         labelled to use the waypoint, its VirtualService, DestinationRule and L7 policy applied\n   \
+         per request: split, retried, timed out, ejected and authorized."
     );
 
     if args.keep {
@@ -176,7 +192,9 @@ impl<'a> Demo<'a> {
                 pod.node,
                 pod.ip,
                 pod.service_account,
-                if meshed {
+                if pod.waypoint.is_some() {
+                    "waypoint (L7 proxy, not captured)"
+                } else if meshed {
                     "in the mesh"
                 } else {
                     "not in the mesh"
@@ -199,6 +217,12 @@ impl<'a> Demo<'a> {
             mesh.controller.grpc_addr,
             status.config_dir.display()
         );
+        for w in &mesh.waypoints {
+            println!(
+                "   waypoint {}/{} (Gateway of class ambit-waypoint; pid {} in pod {}): HBONE on {}",
+                w.namespace, w.name, w.pid, w.pod.name, w.hbone_addr
+            );
+        }
         for d in &mesh.daemons {
             let dump = self.daemon_get(&d.node, "/config_dump")?;
             let dump: serde_json::Value =
