@@ -474,7 +474,12 @@ fn waypoint_gets_its_fronted_service_routes_and_policies_only() {
             _ => None,
         })
         .collect();
-    assert_eq!(workloads, ["payment-v1-0", "payment-v2-0"]);
+    // Its fronted service's workloads, and every captured workload as a possible
+    // client (not the waypoint's own pod, which is not captured).
+    assert_eq!(
+        workloads,
+        ["checkout-0", "inventory-0", "payment-v1-0", "payment-v2-0"]
+    );
 
     // HTTPRoute rules first, by precedence (Exact path before a header-only match),
     // then the VirtualService's.
@@ -545,6 +550,97 @@ fn waypoint_gets_its_fronted_service_routes_and_policies_only() {
 
     // Unknown waypoints get nothing.
     assert!(waypoint(&w, "production", "other").is_empty());
+}
+
+/// A namespace outside the mesh and a meshed one other than the waypoint's.
+const OTHER_NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-0, namespace: legacy, labels: {app: legacy}}
+spec: {nodeName: node-1, serviceAccountName: legacy}
+status: {phase: Running, podIP: 10.244.1.20, podIPs: [{ip: 10.244.1.20}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: frontend, labels: {ambit.dev/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: frontend, labels: {app: web, version: v3}}
+spec: {nodeName: node-2, serviceAccountName: web}
+status: {phase: Running, podIP: 10.244.2.20, podIPs: [{ip: 10.244.2.20}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-opted-out-0
+  namespace: frontend
+  labels: {app: web, ambit.dev/dataplane-mode: none}
+spec: {nodeName: node-2, serviceAccountName: web}
+status: {phase: Running, podIP: 10.244.2.21, podIPs: [{ip: 10.244.2.21}]}
+"#;
+
+#[test]
+fn waypoint_gets_every_captured_workload_as_a_possible_client() {
+    let w = world(&[
+        ("waypoint.yaml", WAYPOINT),
+        ("other.yaml", OTHER_NAMESPACES),
+    ]);
+    let wp = waypoint(&w, "production", "waypoint");
+    let mut workloads: Vec<(&str, &str)> = wp
+        .values()
+        .filter_map(|r| match &r.kind {
+            Some(Kind::Workload(w)) => Some((w.namespace.as_str(), w.name.as_str())),
+            _ => None,
+        })
+        .collect();
+    workloads.sort_unstable();
+    // Captured pods of every meshed namespace; neither pods outside the mesh nor
+    // opted-out pods (they hold no mesh identity, so cannot reach a waypoint), nor
+    // the waypoint's own pod.
+    assert_eq!(
+        workloads,
+        [
+            ("frontend", "web-0"),
+            ("production", "checkout-0"),
+            ("production", "inventory-0"),
+            ("production", "payment-v1-0"),
+            ("production", "payment-v2-0"),
+        ]
+    );
+    // As the node sees them: identity, address and the labels the metrics name.
+    let web = workload(&wp, "web-0");
+    assert_eq!(web, workload(&node(&w, "node-1"), "web-0"));
+    assert_eq!(web.spiffe_id, "spiffe://cluster.local/ns/frontend/sa/web");
+    assert_eq!(web.addresses, ["10.244.2.20"]);
+    assert_eq!(
+        (web.canonical_name.as_str(), web.canonical_revision.as_str()),
+        ("web", "v3")
+    );
+    // Only workloads: no services, routes or policies of the clients' namespaces.
+    assert!(
+        wp.keys()
+            .all(|k| !k.contains("/frontend/") && !k.contains("/legacy/"))
+    );
+    // A client leaving the mesh leaves the waypoint's snapshot.
+    let w = world(&[
+        ("waypoint.yaml", WAYPOINT),
+        (
+            "other.yaml",
+            &OTHER_NAMESPACES.replace("labels: {ambit.dev/dataplane-mode: ambient}", "labels: {}"),
+        ),
+    ]);
+    let wp = waypoint(&w, "production", "waypoint");
+    assert!(
+        !wp.values()
+            .any(|r| matches!(&r.kind, Some(Kind::Workload(w)) if w.namespace == "frontend")),
+        "{:?}",
+        wp.keys()
+    );
 }
 
 #[test]

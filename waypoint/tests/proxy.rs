@@ -1307,3 +1307,57 @@ async fn a_tunnel_to_a_bound_pod_reaches_that_pod_only() {
     }
     assert_eq!(setup.backend("payment-v1").calls(), 0);
 }
+
+#[tokio::test]
+async fn metrics_name_the_source_workload_found_by_the_clients_address() {
+    // The controller sends every captured workload to waypoints: the client's pod is
+    // found by the address its CONNECT's `Forwarded` header carries.
+    let checkout = |sa: &str| {
+        let mut r = workload(
+            "checkout-7f9c-x2",
+            CLIENT_IP,
+            sa,
+            &[("app", "checkout"), ("version", "v3")],
+        );
+        if let Some(Kind::Workload(w)) = &mut r.kind {
+            w.workload_name = "checkout".into();
+            w.canonical_name = "checkout".into();
+            w.canonical_revision = "v3".into();
+            r = Resource::new(Kind::Workload(w.clone()));
+        }
+        r
+    };
+    let setup = Setup::start(vec![checkout("checkout")], "payment").await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    assert_eq!(client.get("/pay", &[]).await.status, StatusCode::OK);
+    let log = setup.logs_eventually(1).await.remove(0);
+    assert_eq!(
+        (log.source_workload.as_str(), log.source_namespace.as_str()),
+        ("checkout", NS)
+    );
+    let metrics = setup.metrics();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{"))
+        .unwrap_or_else(|| panic!("no istio_requests_total in\n{metrics}"));
+    for label in [
+        r#"source_workload="checkout""#,
+        r#"source_workload_namespace="shop""#,
+        r#"source_app="checkout""#,
+        r#"source_version="v3""#,
+        r#"source_canonical_service="checkout""#,
+        r#"source_canonical_revision="v3""#,
+        r#"source_principal="cluster.local/ns/shop/sa/checkout""#,
+    ] {
+        assert!(line.contains(label), "{label} missing in {line}");
+    }
+
+    // A pod at that address with another identity is not the caller: the verified
+    // identity still names the principal, the workload stays unknown.
+    setup.reconfigure(vec![checkout("inventory")], 2);
+    let mut client = setup.http1(HTTP_PORT).await;
+    assert_eq!(client.get("/pay", &[]).await.status, StatusCode::OK);
+    let log = setup.logs_eventually(2).await.remove(1);
+    assert_eq!(log.source_workload, "unknown");
+    assert_eq!(log.source_principal, "cluster.local/ns/shop/sa/checkout");
+}

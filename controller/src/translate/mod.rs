@@ -9,8 +9,9 @@
 //! - the daemon-enforced `Authorization` and `PeerAuthentication` policies with the
 //!   scope that decides which nodes receive them ([`security`]);
 //! - per waypoint, everything it needs: fronted services, their workloads, merged
-//!   `RouteSet`s ([`routes`]), `DestinationPolicy`s ([`destination`]) and
-//!   `targetRefs` policies.
+//!   `RouteSet`s ([`routes`]), `DestinationPolicy`s ([`destination`]),
+//!   `targetRefs` policies, and every captured workload (its possible clients, for
+//!   the source labels of its telemetry).
 //!
 //! What a node receives is filtered at request time ([`crate::world::World`]) because
 //! it depends only on which pods run there, which the precomputed scopes answer.
@@ -357,6 +358,16 @@ pub fn translate(inputs: &[Input<'_>], settings: &Settings<'_>) -> Translation {
         for uid in workload_uids {
             let key = ambit_api::ResourceKey::workload(&uid);
             if let Some(r) = out.workloads.get(key.as_str()) {
+                insert(r.clone());
+            }
+        }
+        // The possible clients, so the waypoint can name the source workload in its
+        // metrics and logs: every captured workload. Only those can reach it (it
+        // accepts HBONE from mesh identities only, and uncaptured pods hold none);
+        // every node already receives all workloads, so this is never more than a
+        // node's share.
+        for r in out.workloads.values() {
+            if matches!(&r.kind, Some(Kind::Workload(w)) if w.captured) {
                 insert(r.clone());
             }
         }
