@@ -23,7 +23,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::inbound::{DataPlane, DataPlaneOptions};
+use crate::mirror::{MirrorMetrics, MirrorOptions};
 use crate::rng::SharedRng;
+use crate::router::RouterOptions;
 use crate::snapshot::{ObjectName, Snapshot, SnapshotShared, error_chain, validate};
 use crate::telemetry::{RequestMetrics, TelemetryLayer};
 
@@ -182,6 +184,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let readiness = Readiness::new();
     let mut registry = prometheus_client::registry::Registry::default();
     let request_metrics = RequestMetrics::register(&mut registry);
+    let mirror_metrics = MirrorMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let metrics_route = {
         let registry = Arc::clone(&registry);
@@ -245,6 +248,13 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let options = DataPlaneOptions {
         detect_timeout: config.protocol_detect_timeout,
         telemetry: TelemetryLayer::new(request_metrics),
+        router: RouterOptions {
+            mirror: MirrorOptions {
+                metrics: mirror_metrics,
+                ..MirrorOptions::default()
+            },
+            ..RouterOptions::default()
+        },
         ..DataPlaneOptions::default()
     };
     let tasks = vec![

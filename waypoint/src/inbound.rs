@@ -7,7 +7,7 @@
 //!      or a pod bound to it; anything else 400 (fail closed)
 //!       └─ Tunnel::serve: by the port's protocol, or detected on the first bytes
 //!           ├─ HTTP/1.1, HTTP/2, gRPC: hyper server; per request the context, then
-//!           │    Telemetry → authorization → Router → Fault → Timeout → Retry
+//!           │    Telemetry → authorization → Router → Fault → Mirror → Timeout → Retry
 //!           │      → Pool (connectionPool limits) → HttpUpstream (outlier detection)
 //!           └─ TCP: L4 authorization, an endpoint over HBONE, bytes copied both ways
 //! ```
@@ -44,6 +44,7 @@ use crate::balance::PickContext;
 use crate::body::{ProxyBody, local_response};
 use crate::context::{ClientInfo, RequestContext};
 use crate::detect::{Detected, Prefixed, detect};
+use crate::mirror::MirrorLimiter;
 use crate::pool::{Pool, PoolLayer, PoolLimiter};
 use crate::retry::RetryStats;
 use crate::router::{RouteHandle, Router, RouterOptions, Stack, UpstreamFailed};
@@ -86,6 +87,7 @@ pub struct DataPlane {
     router: Router<Stack<Pool<HttpUpstream>>>,
     limiter: PoolLimiter,
     retry_stats: RetryStats,
+    mirrors: MirrorLimiter,
     detect_timeout: Duration,
     server_config: ServerConfig,
     telemetry: TelemetryLayer,
@@ -145,6 +147,7 @@ impl DataPlane {
         );
         let upstream = HttpUpstream::new(connector.clone(), options.upstream);
         let retry_stats = options.router.retry_stats.clone();
+        let mirrors = options.router.mirror.limiter.clone();
         let limiter = PoolLimiter::new();
         let pooled = PoolLayer::new(limiter.clone(), Arc::new(crate::upstream::pool_cluster))
             .layer(upstream.clone());
@@ -162,6 +165,7 @@ impl DataPlane {
             router,
             limiter,
             retry_stats,
+            mirrors,
             detect_timeout: options.detect_timeout,
             server_config: options.server,
             telemetry: options.telemetry,
@@ -181,6 +185,11 @@ impl DataPlane {
     /// Retries made so far.
     pub fn retry_stats(&self) -> &RetryStats {
         &self.retry_stats
+    }
+
+    /// Mirrors outstanding now (copying the body, sending or draining).
+    pub fn mirrors_in_flight(&self) -> usize {
+        self.mirrors.in_flight()
     }
 
     /// Connection-pool admission state per cluster.

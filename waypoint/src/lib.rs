@@ -12,23 +12,24 @@
 //!                 └─ Router (route selection, redirect / direct response, rewrite,
 //!                     header modifiers, weighted destination)
 //!                     └─ Fault (delay, then abort)
-//!                         └─ Timeout (whole request, 504)
-//!                             └─ Retry (per-try timeout, conditions, backoff, replay)
-//!                                 └─ Pool (connectionPool limits, 503 UO)
-//!                                     └─ upstream::HttpUpstream (endpoint choice with
-//!                                         outlier detection and previous-host
-//!                                         avoidance; HBONE, reused connections)
+//!                         └─ Mirror (copies sent fire-and-forget to the upstream below)
+//!                             └─ Timeout (whole request, 504)
+//!                                 └─ Retry (per-try timeout, conditions, backoff, replay)
+//!                                     └─ Pool (connectionPool limits, 503 UO)
+//!                                         └─ upstream::HttpUpstream (endpoint choice
+//!                                             with outlier detection and previous-host
+//!                                             avoidance; HBONE, reused connections)
 //! ```
 //!
 //! Configuration arrives as controller resources and is compiled into an immutable
 //! [`snapshot::Snapshot`] per change; each connection and request takes the current
 //! one. The router passes each forwarded request's policies down as request
-//! extensions ([`fault::FaultPolicy`], [`timeout::RequestTimeout`],
-//! [`retry::RetryPolicy`], [`router::Destination`]), so every layer also works on its
-//! own; [`context::RequestContext`] carries the caller and the snapshot.
+//! extensions ([`fault::FaultPolicy`], [`mirror::MirrorPolicy`],
+//! [`timeout::RequestTimeout`], [`retry::RetryPolicy`], [`router::Destination`]), so
+//! every layer also works on its own; [`context::RequestContext`] carries the caller
+//! and the snapshot.
 //!
-//! Not here yet (issue 5): sending mirrors (compiled into
-//! [`routes::Forward::mirrors`], never sent), WebSocket / `Upgrade` requests.
+//! Not here yet (issue 5): WebSocket / `Upgrade` requests.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -39,6 +40,7 @@ pub mod context;
 pub mod detect;
 pub mod fault;
 pub mod inbound;
+pub mod mirror;
 pub mod modify;
 pub mod outlier;
 pub mod pool;

@@ -20,6 +20,7 @@ use crate::{
     balance::pick_weighted,
     body::{BoxError, ProxyBody, boxed, local_response},
     fault::{Fault, FaultLayer},
+    mirror::{Mirror, MirrorLayer, MirrorOptions, MirrorPolicy},
     retry::{DEFAULT_BODY_LIMIT, Retry, RetryLayer, RetryStats},
     rng::SharedRng,
     routes::{Action, RouteTable},
@@ -88,6 +89,8 @@ pub struct RouterOptions {
     pub retry_stats: RetryStats,
     /// Request bodies up to this size can be replayed on retry.
     pub body_limit: usize,
+    /// Request mirroring: body bound, in-flight bound, timeout, metrics.
+    pub mirror: MirrorOptions,
 }
 
 impl Default for RouterOptions {
@@ -96,12 +99,13 @@ impl Default for RouterOptions {
             rng: SharedRng::from_os(),
             retry_stats: RetryStats::default(),
             body_limit: DEFAULT_BODY_LIMIT,
+            mirror: MirrorOptions::default(),
         }
     }
 }
 
 /// The stack below the router for an upstream `U`.
-pub type Stack<U> = Fault<Timeout<Retry<Upstream<U>>>>;
+pub type Stack<U> = Fault<Mirror<Timeout<Retry<Upstream<U>>>, Upstream<U>>>;
 
 /// Routes requests; see the module docs.
 #[derive(Clone, Debug)]
@@ -112,12 +116,19 @@ pub struct Router<S> {
 }
 
 impl<U> Router<Stack<U>> {
-    /// The standard stack (fault → timeout → retry) over `upstream`.
-    pub fn new(routes: RouteHandle, upstream: U, options: RouterOptions) -> Self {
+    /// The standard stack (fault → mirror → timeout → retry) over `upstream`;
+    /// mirrors go to the same `upstream`.
+    pub fn new(routes: RouteHandle, upstream: U, options: RouterOptions) -> Self
+    where
+        U: Clone,
+    {
+        let upstream = Upstream { inner: upstream };
         let stack = FaultLayer::new(options.rng.clone()).layer(
-            TimeoutLayer.layer(
-                RetryLayer::new(options.retry_stats, options.body_limit, options.rng.clone())
-                    .layer(Upstream { inner: upstream }),
+            MirrorLayer::new(upstream.clone(), options.rng.clone(), options.mirror).layer(
+                TimeoutLayer.layer(
+                    RetryLayer::new(options.retry_stats, options.body_limit, options.rng.clone())
+                        .layer(upstream),
+                ),
             ),
         );
         Self::with_stack(routes, stack, options.rng)
@@ -210,6 +221,9 @@ where
         }
         if let Some(fault) = &forward.fault {
             ext.insert(fault.clone());
+        }
+        if !forward.mirrors.is_empty() {
+            ext.insert(MirrorPolicy(Arc::clone(&forward)));
         }
 
         let stack = self.stack.clone();

@@ -120,8 +120,8 @@ pub struct Forward {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Fault injection, if any.
     pub fault: Option<Arc<FaultPolicy>>,
-    /// Mirror destinations and the share of requests copied to each; compiled and
-    /// validated, not sent yet (see the crate docs).
+    /// Mirror destinations and the share of requests (percent) copied to each; sent
+    /// by [`crate::mirror`].
     pub mirrors: Vec<(RouteDestination, f64)>,
 }
 

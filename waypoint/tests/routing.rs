@@ -263,6 +263,7 @@ fn harness_with_limit(
             rng: SharedRng::seeded(seed),
             retry_stats: stats.clone(),
             body_limit,
+            ..RouterOptions::default()
         },
     );
     Harness {
