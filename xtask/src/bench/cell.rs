@@ -425,9 +425,12 @@ fn measure(
         plan.held_connections as f64 / 500.0 + 1.0,
     );
     let held_rss = ctx.held_connections(echo_addr, plan.held_connections)?;
+    let held_total = held_rss.values().sum::<u64>() as f64;
+    let idle_total = idle_rss.values().sum::<u64>() as f64;
+    ctx.r.figures.insert("rss_conns".into(), held_total / MIB);
     ctx.r.figures.insert(
-        "rss_conns".into(),
-        held_rss.values().sum::<u64>() as f64 / MIB,
+        "rss_per_conn".into(),
+        (held_total - idle_total) / plan.held_connections as f64 / 1024.0,
     );
     ctx.r
         .raw

@@ -129,6 +129,14 @@ pub const FIGURES: &[FigureDef] = &[
         false,
         true,
     ),
+    fig(
+        "rss_per_conn",
+        Group::Memory,
+        "growth per open connection",
+        "KiB",
+        false,
+        true,
+    ),
 ];
 
 /// A figure of a mode over the rounds.
@@ -867,10 +875,15 @@ mod tests {
                 "{m:?} row missing:\n{md}"
             );
         }
-        assert!(
-            md.contains("not available yet: needs `ambit-node --mode sidecar`"),
-            "{md}"
-        );
+        // Whichever modes are not available yet say so, with the reason.
+        for m in Mode::ALL {
+            if let Err(why) = m.availability() {
+                assert!(
+                    md.contains(&format!("| {} | not available yet: {why}", m.title())),
+                    "{m:?}:\n{md}"
+                );
+            }
+        }
         assert!(md.contains("| ×2.00 |"), "{md}");
         assert!(md.contains("TCP round trip p50: ×2.00 (100% more)"), "{md}");
         assert!(
