@@ -355,6 +355,7 @@ mod tests {
             Mode::AmbientL4,
             Mode::AmbientL7,
             Mode::SidecarL4,
+            Mode::SidecarL7,
         ];
         for bin in Mode::AmbientL7.binaries() {
             ambit_test_support::bin_path(bin).unwrap();
@@ -371,8 +372,8 @@ mod tests {
         let (cells, pods) = execute(&env, &selected, Some(Progress::quiet()));
 
         // Unavailable modes get no cell, never made-up figures.
-        assert!(cells.iter().all(|c| c.mode != Mode::SidecarL4));
-        assert_eq!(cells.len(), 3, "{cells:#?}");
+        assert!(cells.iter().all(|c| c.mode != Mode::SidecarL7));
+        assert_eq!(cells.len(), 4, "{cells:#?}");
         for c in &cells {
             assert!(c.error.is_none(), "{:?} failed: {:?}", c.mode, c.error);
             for f in report::FIGURES {
@@ -406,7 +407,12 @@ mod tests {
             assert!(e.deltas.is_empty(), "no mesh, no counters: {e:?}");
         }
 
-        for (mode, data_plane) in [(Mode::AmbientL4, 2), (Mode::AmbientL7, 3)] {
+        // Two node daemons; plus the waypoint; one sidecar in each of the two pods.
+        for (mode, data_plane) in [
+            (Mode::AmbientL4, 2),
+            (Mode::AmbientL7, 3),
+            (Mode::SidecarL4, 2),
+        ] {
             let amb = cells.iter().find(|c| c.mode == mode).unwrap();
             assert_eq!(
                 amb.mesh_processes.iter().filter(|p| p.data_plane).count(),
@@ -454,7 +460,7 @@ mod tests {
             );
         }
 
-        assert_eq!(pods.len(), 3 * env.plan.pod_counts.len());
+        assert_eq!(pods.len(), 4 * env.plan.pod_counts.len());
         for p in &pods {
             assert!(p.error.is_none(), "{p:?}");
             let data = p.data_plane_rss_mib.unwrap();
@@ -469,7 +475,8 @@ mod tests {
         let meta = report::meta("debug (test)", 0.0, 0.0, "test".into());
         let rep = report::Report::new(meta, env.plan.clone(), &selected, cells, pods);
         let md = rep.markdown();
-        assert!(md.contains("sidecar L4 | not available yet"), "{md}");
+        assert!(md.contains("sidecar L7 | not available yet"), "{md}");
+        assert!(rep.summary[&Mode::SidecarL4]["tput_1"].ratio.is_some());
         assert!(rep.summary[&Mode::AmbientL4]["tput_1"].ratio.is_some());
         assert!(rep.summary[&Mode::AmbientL7]["http_p50"].ratio.is_some());
         let dir = std::env::temp_dir().join(format!("ambit-bench-test-{}", std::process::id()));

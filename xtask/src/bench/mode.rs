@@ -2,7 +2,7 @@
 //! the cluster is brought up, which processes are "the mesh", and how a scenario's
 //! traffic is proven to have taken the mode's path.
 //!
-//! Adding a mode (ambient L7, sidecar L4/L7) means filling in its arms here: the rest
+//! Adding a mode (sidecar L7) means filling in its arms here: the rest
 //! of the harness only calls these functions.
 
 use std::{
@@ -138,10 +138,11 @@ impl Mode {
     /// report as not available, never given figures.
     pub fn availability(self) -> Result<(), &'static str> {
         match self {
-            Mode::NoMesh | Mode::AmbientL4 | Mode::AmbientL7 => Ok(()),
-            Mode::SidecarL4 | Mode::SidecarL7 => {
-                Err("needs `ambit-node --mode sidecar` (issue 6, item 1)")
-            }
+            Mode::NoMesh | Mode::AmbientL4 | Mode::AmbientL7 | Mode::SidecarL4 => Ok(()),
+            Mode::SidecarL7 => Err(
+                "needs the waypoint's L7 engine run per pod (designed in ARCHITECTURE.md, \
+                 not implemented)",
+            ),
         }
     }
 
@@ -165,9 +166,9 @@ impl Mode {
     pub fn binaries(self) -> &'static [&'static str] {
         match self {
             Mode::NoMesh => &["ambit-echo"],
-            Mode::AmbientL4 | Mode::SidecarL4 => {
-                &["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"]
-            }
+            Mode::AmbientL4 => &["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"],
+            // `ambit-node --mode sidecar` in each pod: no CNI plugin.
+            Mode::SidecarL4 => &["ambit-echo", "ambit-controller", "ambit-node"],
             Mode::AmbientL7 | Mode::SidecarL7 => &[
                 "ambit-echo",
                 "ambit-controller",
@@ -224,7 +225,13 @@ impl Mode {
                 daemon_args: mesh.daemon_args.clone(),
                 ..MeshOptions::with_daemons()
             }),
-            Mode::SidecarL4 | Mode::SidecarL7 => {
+            // One `ambit-node --mode sidecar` in every pod, no node daemons.
+            Mode::SidecarL4 => opts.mesh(MeshOptions {
+                controller_args: mesh.controller_args.clone(),
+                daemon_args: mesh.daemon_args.clone(),
+                ..MeshOptions::with_sidecars()
+            }),
+            Mode::SidecarL7 => {
                 unreachable!("availability() refused the mode above")
             }
         };
@@ -284,7 +291,20 @@ impl Mode {
                 }
                 Ok(())
             }
-            Mode::SidecarL4 | Mode::SidecarL7 => {
+            // A sidecar's readiness includes its pod's certificate (blocker `pod`),
+            // and `up` waits for every sidecar's readiness: check that every pod got one.
+            Mode::SidecarL4 => {
+                let mesh = cluster.mesh().context("the cluster has no mesh")?;
+                for pod in cluster.pods().into_iter().filter(|p| p.waypoint.is_none()) {
+                    ensure!(
+                        mesh.sidecars.iter().any(|s| s.pod == pod.pod_ref()),
+                        "pod {} has no sidecar",
+                        pod.pod_ref()
+                    );
+                }
+                Ok(())
+            }
+            Mode::SidecarL7 => {
                 bail!("mode {} has no readiness check yet", self.id())
             }
         }
@@ -303,12 +323,27 @@ impl Mode {
                     pid: mesh.controller.pid,
                     data_plane: false,
                 }];
-                ensure!(
-                    mesh.daemons.len() == status.nodes.len(),
-                    "{} node daemons for {} nodes",
-                    mesh.daemons.len(),
-                    status.nodes.len()
-                );
+                if matches!(self, Mode::SidecarL4 | Mode::SidecarL7) {
+                    let pods = status.pods.iter().filter(|p| p.waypoint.is_none()).count();
+                    ensure!(
+                        mesh.daemons.is_empty() && mesh.sidecars.len() == pods,
+                        "sidecar mode runs {} node daemons and {} sidecars for {pods} pods",
+                        mesh.daemons.len(),
+                        mesh.sidecars.len()
+                    );
+                } else {
+                    ensure!(
+                        mesh.daemons.len() == status.nodes.len(),
+                        "{} node daemons for {} nodes",
+                        mesh.daemons.len(),
+                        status.nodes.len()
+                    );
+                }
+                procs.extend(mesh.sidecars.iter().map(|s| MeshProcess {
+                    name: format!("{}@{}", s.process, s.pod),
+                    pid: s.pid,
+                    data_plane: true,
+                }));
                 procs.extend(mesh.daemons.iter().map(|d| MeshProcess {
                     name: format!("{}@{}", d.process, d.node),
                     pid: d.pid,
@@ -331,8 +366,9 @@ impl Mode {
         }
     }
 
-    /// Reads the path counters (the daemons' `istio_tcp_*` series of the benchmark's
-    /// traffic); nothing for the baseline.
+    /// Reads the path counters (the `istio_tcp_*` series of the benchmark's traffic, from
+    /// the client's and the server's node daemons, or in sidecar mode from their
+    /// sidecars); nothing for the baseline.
     pub fn counters(self, cluster: &Cluster) -> anyhow::Result<Counters> {
         let mut out = BTreeMap::new();
         if self == Mode::NoMesh {
@@ -346,26 +382,47 @@ impl Mode {
         } else {
             topology::SERVER_SA
         };
-        for (node, reporter, destination_sa) in [
-            (topology::CLIENT_NODE, "source", first_hop),
-            (topology::SERVER_NODE, "destination", topology::SERVER_SA),
+        for (pod, node, reporter, destination_sa) in [
+            (
+                topology::client_pod(),
+                topology::CLIENT_NODE,
+                "source",
+                first_hop,
+            ),
+            (
+                topology::server_pod(),
+                topology::SERVER_NODE,
+                "destination",
+                topology::SERVER_SA,
+            ),
         ] {
-            let daemon = mesh
-                .daemons
-                .iter()
-                .find(|d| d.node == node)
-                .with_context(|| format!("no daemon on {node}"))?;
-            let (code, body) = cluster
-                .http_get(
-                    &Place::Node(node.to_owned()),
-                    SocketAddr::V4(daemon.metrics_addr),
-                    "/metrics",
+            let (place, addr, proxy) = if matches!(self, Mode::SidecarL4 | Mode::SidecarL7) {
+                let sidecar = mesh
+                    .sidecars
+                    .iter()
+                    .find(|s| s.pod.to_string() == pod)
+                    .with_context(|| format!("no sidecar in {pod}"))?;
+                (
+                    Place::Pod(sidecar.pod.clone()),
+                    sidecar.metrics_addr,
+                    format!("the sidecar in {pod}"),
                 )
-                .with_context(|| format!("reading the metrics of the daemon on {node}"))?;
-            ensure!(
-                code == 200,
-                "metrics of the daemon on {node}: HTTP {code}: {body}"
-            );
+            } else {
+                let daemon = mesh
+                    .daemons
+                    .iter()
+                    .find(|d| d.node == node)
+                    .with_context(|| format!("no daemon on {node}"))?;
+                (
+                    Place::Node(node.to_owned()),
+                    daemon.metrics_addr,
+                    format!("the daemon on {node}"),
+                )
+            };
+            let (code, body) = cluster
+                .http_get(&place, SocketAddr::V4(addr), "/metrics")
+                .with_context(|| format!("reading the metrics of {proxy}"))?;
+            ensure!(code == 200, "metrics of {proxy}: HTTP {code}: {body}");
             let samples = metrics::parse(&body);
             let labels = bench_labels(reporter, destination_sa);
             let want: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -447,7 +504,7 @@ impl Mode {
                     deltas: BTreeMap::new(),
                 })
             }
-            Mode::AmbientL4 | Mode::AmbientL7 => {
+            Mode::AmbientL4 | Mode::AmbientL7 | Mode::SidecarL4 => {
                 ensure!(
                     capture.contains(&15001),
                     "{scenario}: the client pod has no outbound capture listener (15001); \
@@ -492,6 +549,9 @@ impl Mode {
                                 "HBONE with mutual_tls client → waypoint (node-1's daemon) and \
                                  waypoint → server (node-2's daemon); HTTP requests counted \
                                  by the waypoint"
+                            } else if self == Mode::SidecarL4 {
+                                "HBONE with mutual_tls between the client's and the server's \
+                                 sidecars"
                             } else {
                                 "HBONE with mutual_tls through the daemons of both nodes"
                             }
@@ -510,7 +570,7 @@ impl Mode {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-            Mode::SidecarL4 | Mode::SidecarL7 => {
+            Mode::SidecarL7 => {
                 bail!("mode {} has no path check yet", self.id())
             }
         }
@@ -542,11 +602,14 @@ mod tests {
 
     #[test]
     fn only_runnable_modes_are_available() {
-        for m in [Mode::NoMesh, Mode::AmbientL4, Mode::AmbientL7] {
+        for m in [
+            Mode::NoMesh,
+            Mode::AmbientL4,
+            Mode::AmbientL7,
+            Mode::SidecarL4,
+        ] {
             assert!(m.availability().is_ok(), "{m:?}");
         }
-        for m in [Mode::SidecarL4, Mode::SidecarL7] {
-            assert!(m.availability().is_err(), "{m:?}");
-        }
+        assert!(Mode::SidecarL7.availability().is_err());
     }
 }
