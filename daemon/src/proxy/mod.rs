@@ -124,6 +124,13 @@ impl PodProxy {
                 },
                 _ = drain_rx.wait_for(Option::is_some) => return,
             };
+            // The listeners are bound (capture steers to them), so connections wait in
+            // their backlogs until the pod's certificate is held: a handshake before
+            // that would be reset, and nothing may leave the pod in plaintext instead.
+            tokio::select! {
+                _ = shared.certs.wait_current(&identity) => {}
+                _ = drain_rx.wait_for(Option::is_some) => return,
+            }
             let credentials: Arc<NodeCredentials> = Arc::new(NodeCredentials {
                 certs: shared.certs.clone(),
                 initial_bundle,
