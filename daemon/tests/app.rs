@@ -526,16 +526,32 @@ fn sixty_four_mebibytes_each_way_arrive_byte_exact_over_hbone() {
         assert_eq!(summary["ok"], 64, "{summary:#}");
         assert_eq!(summary["errors"], 0, "{summary:#}");
 
-        let metrics = daemon_get(&cluster, "node-2", true, "/metrics");
-        let received: u64 = metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("istio_tcp_received_bytes_total{")
-                    && l.contains("reporter=\"destination\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        assert!(received >= 64 << 20, "{metrics}");
+        // Bytes are counted when the daemon closes its side, which may be just after
+        // the client has exited.
+        let received = || {
+            let metrics = daemon_get(&cluster, "node-2", true, "/metrics");
+            let received: u64 = metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("istio_tcp_received_bytes_total{")
+                        && l.contains("reporter=\"destination\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            (received, metrics)
+        };
+        let counted = ambit_test_support::eventually(
+            "64 MiB counted by node-2's daemon",
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || match received() {
+                (n, _) if n >= 64 << 20 => Ok(()),
+                (_, metrics) => Err(anyhow::anyhow!("{metrics}")),
+            },
+        );
+        if let Err(e) = counted {
+            panic!("{e:#}");
+        }
     }));
     let down = cluster.down();
     if let Err(panic) = result {
