@@ -760,7 +760,9 @@ spec:
 /// gRPC through the waypoint: a GRPCRoute sends `Ping` to v2 and `Echo` to v1, and
 /// calls answered UNAVAILABLE are retried (the route's default retry policy, Istio's:
 /// two retries on `unavailable` among others) on the other v1 endpoint, so every
-/// call succeeds although one v1 pod fails every call it gets.
+/// call succeeds although one v1 pod fails every call it gets. With outlier
+/// detection on the v1 Service, that pod is ejected after three UNAVAILABLE
+/// answers.
 fn grpc_routing_and_retries(env: &Env<'_>) -> anyhow::Result<()> {
     let _config = env.apply(GRPC, |d| {
         let r = d.routes("payment")?;
@@ -814,8 +816,52 @@ fn grpc_routing_and_retries(env: &Env<'_>) -> anyhow::Result<()> {
         );
         Ok(())
     })?;
+
+    // Outlier detection sees the trailers-only UNAVAILABLE as a 503 (as Envoy maps
+    // it): the failing pod is ejected after three of them.
+    let _outlier = env.apply(GRPC_OUTLIER, |d| {
+        ensure!(
+            d.has_destination_policy("payment-v1")?,
+            "no DestinationRule for payment-v1"
+        );
+        Ok(())
+    })?;
+    let before = env.stats("production/payment-v1-0")?;
+    let echo = env.grpc(CHECKOUT, &url, "echo", 40)?;
+    let unavailable = env
+        .stats("production/payment-v1-0")?
+        .grpc
+        .get(&14)
+        .copied()
+        .unwrap_or(0)
+        - before.grpc.get(&14).copied().unwrap_or(0);
+    eprintln!(
+        "  with outlier detection: {} OK, payment-v1-0 answered UNAVAILABLE {unavailable} times",
+        echo.ok
+    );
+    ensure!(echo.ok == 40, "every call succeeds: {echo:?}");
+    ensure!(
+        unavailable == 3,
+        "payment-v1-0 must be ejected after consecutiveGatewayErrors = 3 UNAVAILABLE \
+         answers, it answered {unavailable}"
+    );
     Ok(())
 }
+
+const GRPC_OUTLIER: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payment-v1, namespace: production}
+spec:
+  host: payment-v1
+  trafficPolicy:
+    outlierDetection:
+      consecutiveGatewayErrors: 3
+      consecutive5xxErrors: 0
+      interval: 1s
+      baseEjectionTime: 60s
+      maxEjectionPercent: 50
+"#;
 
 /// The requests above in the waypoint's metrics and access log, with the source and
 /// destination identities: checkout's calls to payment, inventory's denied POST.

@@ -7,7 +7,10 @@
 //!
 //! Semantics, following Envoy (which implements Istio's fields):
 //! - **Counting.** A 5xx response counts towards `consecutive5xxErrors`; a 502, 503 or
-//!   504 also towards `consecutiveGatewayErrors`. A failure without a response (connect
+//!   504 also towards `consecutiveGatewayErrors`. A gRPC status in the response
+//!   headers (a trailers-only answer, how servers fail calls) counts as the HTTP status
+//!   Envoy maps it to ([`grpc_to_http_status`]: UNAVAILABLE is a 503, INTERNAL a 500,
+//!   NOT_FOUND a 404); a status in the trailers is not seen, as in Envoy. A failure without a response (connect
 //!   failure, reset, refused stream, per-try timeout) counts towards both, as Envoy
 //!   does when local-origin errors are not split out. Any other response resets both
 //!   counters; a 5xx that is not a gateway error resets the gateway counter.
@@ -210,15 +213,18 @@ impl OutlierDetector {
     /// any. Outcomes for endpoints the detector does not know are ignored.
     pub fn record(&self, endpoint: SocketAddr, outcome: TryOutcome) -> Option<Ejection> {
         let (is_5xx, is_gateway) = match outcome {
-            TryOutcome::Response { status, .. } => (
-                status.is_server_error(),
-                matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::GATEWAY_TIMEOUT
-                ),
-            ),
+            TryOutcome::Response { status, grpc } => {
+                let status = grpc.map_or(status, grpc_to_http_status);
+                (
+                    status.is_server_error(),
+                    matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    ),
+                )
+            }
             TryOutcome::Failed(_) | TryOutcome::TimedOut => (true, true),
         };
         let now = Instant::now();
@@ -344,6 +350,27 @@ impl Host {
             Some(_) => true,
             None => false,
         }
+    }
+}
+
+/// The HTTP status a gRPC status code stands for, as Envoy maps it
+/// (`Grpc::Utility::grpcToHttpStatus`) when it reports a gRPC answer to outlier
+/// detection; unknown codes are 500.
+pub fn grpc_to_http_status(code: u32) -> StatusCode {
+    match code {
+        0 => StatusCode::OK,
+        // CANCELLED: 499, "client closed request" (nginx's); no constant for it.
+        1 => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        3 | 9 | 11 => StatusCode::BAD_REQUEST,
+        4 => StatusCode::GATEWAY_TIMEOUT,
+        5 => StatusCode::NOT_FOUND,
+        6 | 10 => StatusCode::CONFLICT,
+        7 => StatusCode::FORBIDDEN,
+        8 => StatusCode::TOO_MANY_REQUESTS,
+        12 => StatusCode::NOT_IMPLEMENTED,
+        14 => StatusCode::SERVICE_UNAVAILABLE,
+        16 => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -484,6 +511,36 @@ mod tests {
         advance(Duration::from_millis(1)).await;
         assert!(!d.is_ejected(addr(1)));
         assert_eq!(d.eligible(&endpoints(2)), [true, true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_statuses_count_as_envoy_maps_them() {
+        let grpc = |code| TryOutcome::Response {
+            status: StatusCode::OK,
+            grpc: Some(code),
+        };
+        let s = OutlierSettings {
+            consecutive_gateway: 3,
+            consecutive_5xx: 0,
+            ..settings()
+        };
+        let d = detector(s, 2);
+        // UNAVAILABLE is a 503 (a gateway error) although the HTTP status is 200.
+        assert!(d.record(addr(1), grpc(14)).is_none());
+        assert!(d.record(addr(1), grpc(14)).is_none());
+        let e = d.record(addr(1), grpc(14)).unwrap();
+        assert_eq!(e.reason, EjectionReason::ConsecutiveGateway);
+        // OK and NOT_FOUND (a 404) reset the count; INTERNAL (a 500) is not a
+        // gateway error.
+        for reset in [0, 5, 13] {
+            assert!(d.record(addr(2), grpc(14)).is_none());
+            assert!(d.record(addr(2), grpc(14)).is_none());
+            assert!(d.record(addr(2), grpc(reset)).is_none());
+        }
+        assert!(!d.is_ejected(addr(2)));
+        assert_eq!(grpc_to_http_status(1).as_u16(), 499);
+        assert_eq!(grpc_to_http_status(16), StatusCode::UNAUTHORIZED);
+        assert_eq!(grpc_to_http_status(99), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[tokio::test(start_paused = true)]

@@ -440,14 +440,16 @@ where
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+/// Whether `headers` say the message is gRPC (`content-type: application/grpc…`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-fn header_grpc_status(headers: &HeaderMap) -> Option<u32> {
+/// `grpc-status` in `headers` (a trailers-only response, or trailers).
+pub(crate) fn header_grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
         .get("grpc-status")?
         .to_str()

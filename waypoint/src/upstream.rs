@@ -415,6 +415,7 @@ impl HttpInner {
                 }
             };
         ctx.record_attempt(addr);
+        let grpc_request = crate::retry::is_grpc(request.headers());
         prepare_request(&mut request, h2, addr);
         let key = ConnKey {
             addr,
@@ -429,9 +430,13 @@ impl HttpInner {
         };
         if let Some(detector) = &outlier {
             let outcome = match &sent {
+                // A trailers-only gRPC answer carries its status in the headers;
+                // outlier detection reads it there, as Envoy's router does.
                 Ok(r) => TryOutcome::Response {
                     status: r.status(),
-                    grpc: None,
+                    grpc: grpc_request
+                        .then(|| crate::retry::header_grpc_status(r.headers()))
+                        .flatten(),
                 },
                 Err(e) => TryOutcome::Failed(
                     e.downcast_ref::<UpstreamError>()
