@@ -115,11 +115,31 @@ fn check_skeleton(bin: &str, args: &[&str], blocker: &str, config_field: (&str, 
 }
 
 #[test]
-fn waypoint_skeleton() {
+fn waypoint_without_a_controller_stays_unready_and_drains() {
+    // No controller answers: the waypoint keeps waiting for its config and certificate.
+    let state = tempfile::tempdir().unwrap();
+    let token = state.path().join("token");
+    std::fs::write(&token, "not-a-valid-token\n").unwrap();
+    let (controller, hbone, metrics) = (free_addr(), free_addr(), free_addr());
     check_skeleton(
         "ambit-waypoint",
-        &["--name", "waypoint", "--namespace", "production"],
-        "config from the controller",
+        &[
+            "--name",
+            "waypoint",
+            "--namespace",
+            "production",
+            "--controller-addr",
+            &format!("http://{controller}"),
+            "--token-file",
+            &token.display().to_string(),
+            "--state-dir",
+            &state.path().display().to_string(),
+            "--hbone-addr",
+            &hbone.to_string(),
+            "--metrics-addr",
+            &metrics.to_string(),
+        ],
+        "config",
         ("namespace", "production"),
     );
 }
