@@ -697,7 +697,8 @@ spec:
 
 /// L7 authorization with `targetRefs` to the Service: checkout may GET and POST
 /// `/api/*`, inventory only GET; anything else is denied with `403 RBAC: access
-/// denied`, and a DENY policy wins over the ALLOW that also matches.
+/// denied` (gRPC: PERMISSION_DENIED), and a DENY policy wins over the ALLOW that
+/// also matches.
 fn authorization(env: &Env<'_>) -> anyhow::Result<()> {
     let _config = env.apply(AUTHZ, |d| {
         let p = d.policies()?;
@@ -740,6 +741,13 @@ fn authorization(env: &Env<'_>) -> anyhow::Result<()> {
             );
         }
     }
+    // A gRPC client is told in gRPC terms, as Envoy's local reply does it:
+    // PERMISSION_DENIED with the same message (not a 403 it cannot read).
+    let g = env.grpc(INVENTORY, &env.url("payment", 7070, ""), "echo", 1)?;
+    ensure!(
+        g.by_code.get(&7) == Some(&1) && g.errors.keys().any(|e| e.contains("RBAC: access denied")),
+        "gRPC Echo from inventory must be PERMISSION_DENIED: {g:?}"
+    );
     Ok(())
 }
 
@@ -765,10 +773,21 @@ spec:
 /// answers.
 fn grpc_routing_and_retries(env: &Env<'_>) -> anyhow::Result<()> {
     let _config = env.apply(GRPC, |d| {
+        // The two rules, then the default route for the ports they leave alone.
         let r = d.routes("payment")?;
-        ensure!(r.len() == 2, "payment routes {r:?}");
+        ensure!(
+            r.len() == 3 && r[2] == "default/production/payment",
+            "payment routes {r:?}"
+        );
         Ok(())
     })?;
+    // The route is attached to the gRPC port only: HTTP on port 80 still reaches
+    // the Service as without routes (not a 404).
+    let (status, body, _) = env.call(CHECKOUT, "GET", &env.url("payment", 80, "/"), &[])?;
+    ensure!(
+        status == 200 && body.contains("\"pod\":\"payment-"),
+        "HTTP to port 80 with a GRPCRoute on 7070: HTTP {status}: {body}"
+    );
     let url = env.url("payment", 7070, "");
     let ping = env.grpc(CHECKOUT, &url, "ping", 30)?;
     ensure!(

@@ -396,7 +396,17 @@ impl tower::Service<Request<ProxyBody>> for Routing {
 
     fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
         let plane = Arc::clone(&self.0);
-        Box::pin(async move { Ok(plane.authorize_and_route(request).await) })
+        // Below telemetry, so that the metrics and the access log show what the
+        // client got (Envoy: HTTP 200 with the gRPC status).
+        let grpc = crate::retry::is_grpc(request.headers());
+        Box::pin(async move {
+            let response = plane.authorize_and_route(request).await;
+            Ok(if grpc {
+                crate::body::grpc_local_reply(response)
+            } else {
+                response
+            })
+        })
     }
 }
 

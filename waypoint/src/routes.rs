@@ -216,6 +216,32 @@ impl RouteTable {
         Self { routes: Vec::new() }
     }
 
+    /// Appends `default` (the route to the service itself), restricted to the
+    /// `service_ports` no route of the table admits: a route attached to one port (a
+    /// Gateway API `parentRef` with `port`, a VirtualService match on `port`) leaves
+    /// the service's other ports routed as without any route, as Istio builds routes
+    /// per port, instead of answering them 404. Nothing is added when a route admits
+    /// every port.
+    pub fn add_default_for_unrouted_ports(
+        &mut self,
+        default: &pb::Route,
+        service_ports: impl IntoIterator<Item = u16>,
+    ) -> Result<(), ConvertError> {
+        if self.routes.iter().any(|r| r.ports.is_empty()) {
+            return Ok(());
+        }
+        let unrouted: Vec<u16> = service_ports
+            .into_iter()
+            .filter(|p| !self.routes.iter().any(|r| r.ports.contains(p)))
+            .collect();
+        if !unrouted.is_empty() {
+            let mut route = Route::try_from_proto(default)?;
+            route.ports = unrouted;
+            self.routes.push(route);
+        }
+        Ok(())
+    }
+
     /// The routes, in order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
@@ -667,6 +693,46 @@ mod tests {
                 ignore_case,
             }),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ports_no_route_admits_get_the_default_route() {
+        let route = |name: &str, ports: Vec<u32>| pb::Route {
+            name: name.into(),
+            ports,
+            ..Default::default()
+        };
+        let default = route("default", Vec::new());
+        let at = |port| {
+            let mut r = get("http://h/");
+            r.extensions_mut().insert(ServicePort(port));
+            r
+        };
+        let set = |routes| pb::RouteSet {
+            service: None,
+            routes,
+        };
+
+        // A route for 7070 only: 80 and 8080 go to the service as without routes.
+        let mut t = RouteTable::try_from_proto(&set(vec![route("grpc", vec![7070])])).unwrap();
+        t.add_default_for_unrouted_ports(&default, [80, 7070, 8080])
+            .unwrap();
+        assert_eq!(t.select(&at(7070)).unwrap().name, "grpc");
+        assert_eq!(t.select(&at(80)).unwrap().name, "default");
+        assert_eq!(t.select(&at(8080)).unwrap().name, "default");
+        assert_eq!(t.routes().len(), 2);
+
+        // A route for every port, or one without a port restriction: nothing added
+        // (an unmatched request stays a 404).
+        for routes in [
+            vec![route("a", vec![80]), route("b", vec![7070])],
+            vec![route("a", vec![7070]), route("all", Vec::new())],
+        ] {
+            let mut t = RouteTable::try_from_proto(&set(routes)).unwrap();
+            t.add_default_for_unrouted_ports(&default, [80, 7070])
+                .unwrap();
+            assert_eq!(t.routes().len(), 2);
         }
     }
 

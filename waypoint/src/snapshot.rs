@@ -307,7 +307,16 @@ impl Snapshot {
         for s in services {
             let name = ObjectName::new(&s.namespace, &s.name);
             let (routes, has_route_set) = match route_sets.remove(&name) {
-                Some(table) => (table, true),
+                Some(mut table) => {
+                    let ports = s.ports.iter().filter_map(|p| u16::try_from(p.port).ok());
+                    if let Err(e) =
+                        table.add_default_for_unrouted_ports(&default_route(&name), ports)
+                    {
+                        // Nothing in the default route can fail to convert.
+                        tracing::error!(service = %name, error = %e, "default route not added");
+                    }
+                    (table, true)
+                }
                 None => (default_routes(&name), false),
             };
             let (rules, policy_origin) = match policies.remove(&name) {
@@ -623,22 +632,27 @@ fn check_service(s: &pb::Service) -> Result<(), String> {
     Ok(())
 }
 
-/// The route of a service without a `RouteSet`: everything to the service itself.
+/// The route of a service without routes: every request to the service itself.
+fn default_route(name: &ObjectName) -> pb::Route {
+    pb::Route {
+        name: format!("default/{name}"),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            destinations: vec![pb::RouteDestination {
+                service: Some(name.to_proto()),
+                weight: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The routes of a service without a `RouteSet`: everything to the service itself.
 fn default_routes(name: &ObjectName) -> RouteTable {
     let set = pb::RouteSet {
         service: Some(name.to_proto()),
-        routes: vec![pb::Route {
-            name: format!("default/{name}"),
-            action: Some(pb::route::Action::Forward(pb::Forward {
-                destinations: vec![pb::RouteDestination {
-                    service: Some(name.to_proto()),
-                    weight: 1,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-            ..Default::default()
-        }],
+        routes: vec![default_route(name)],
     };
     // Nothing in it can fail to convert (no regex, header or duration).
     RouteTable::try_from_proto(&set).unwrap_or_else(|_| RouteTable::empty())

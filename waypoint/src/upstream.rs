@@ -233,15 +233,22 @@ impl Connector {
                         source,
                     })
             }
-            None => self
-                .dialer
-                .dial(addr)
-                .await
-                .map(UpstreamIo::Tcp)
-                .map_err(|source| ConnectFailure::Tcp {
-                    target: addr,
-                    source,
-                }),
+            None => {
+                let tcp = self
+                    .dialer
+                    .dial(addr)
+                    .await
+                    .map_err(|source| ConnectFailure::Tcp {
+                        target: addr,
+                        source,
+                    })?;
+                // Bytes are proxied as they come (HBONE connections set it too):
+                // Nagle's algorithm would hold small writes for the peer's delayed ACK.
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%addr, %error, "setting TCP_NODELAY");
+                }
+                Ok(UpstreamIo::Tcp(tcp))
+            }
         }
     }
 }

@@ -16,10 +16,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     Code, Request, Response, Status,
     metadata::{KeyAndValueRef, MetadataKey, MetadataValue},
+    transport::server::TcpIncoming,
 };
 
 use crate::{
@@ -146,9 +146,12 @@ pub async fn serve(
     service: EchoService,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    // TCP_NODELAY as on the HTTP listener: a response's HEADERS, DATA and trailers
+    // may go out in separate writes, which Nagle's algorithm would hold back.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(EchoServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "gRPC server failed");

@@ -227,6 +227,15 @@ impl Drop for PodProxy {
     }
 }
 
+/// A proxied connection forwards bytes as they arrive: without TCP_NODELAY, Nagle's
+/// algorithm holds a small write back until the previous one is acknowledged, which a
+/// peer delaying its ACK makes 40 ms (an HTTP/2 response's HEADERS and DATA frames
+/// often come in separate writes).
+fn no_delay(stream: TcpStream) -> io::Result<TcpStream> {
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 fn adopt(listener: std::net::TcpListener) -> io::Result<TcpListener> {
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
@@ -240,6 +249,10 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // See `no_delay`.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, %error, "setting TCP_NODELAY");
+                }
                 tokio::spawn(serve(Arc::clone(&pod), stream, peer));
             }
             Err(error) => {
@@ -270,7 +283,7 @@ impl Pod {
             .await
             .map_err(io::Error::other)?
             .map_err(io::Error::other)?;
-        socket.into_tokio().connect(addr).await
+        socket.into_tokio().connect(addr).await.and_then(no_delay)
     }
 
     /// Connects to the app at `target` in the pod, from `client`'s IP when the
@@ -288,7 +301,7 @@ impl Pod {
             .await
             .map_err(io::Error::other)?
             .map_err(io::Error::other)?;
-        socket.into_tokio().connect(target).await
+        socket.into_tokio().connect(target).await.and_then(no_delay)
     }
 
     async fn outbound(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
