@@ -404,6 +404,9 @@ async fn start(
                 config.admin.readiness_addr,
                 config.metrics_addr,
             ]);
+            c.exclusions
+                .inbound_ports
+                .extend(config.sidecar.exclude_inbound_ports.iter().copied());
             c
         }
     };

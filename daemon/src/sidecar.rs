@@ -90,6 +90,11 @@ pub struct SidecarArgs {
     /// (default: this process's own cgroup).
     #[arg(long, env = "AMBIT_POD_CGROUP")]
     pub pod_cgroup: Option<PathBuf>,
+    /// Sidecar mode: more pod ports inbound capture leaves alone (comma-separated),
+    /// for another proxy of the pod that does its own mutual TLS, such as the
+    /// waypoint's L7 engine in sidecar L7 (Istio's `excludeInboundPorts`).
+    #[arg(long, env = "AMBIT_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 /// The pod a sidecar serves, resolved and checked.
@@ -291,6 +296,7 @@ mod tests {
             pod_ip: Some("10.244.1.2".parse().unwrap()),
             pod_netns: "/proc/self/ns/net".into(),
             pod_cgroup: None,
+            exclude_inbound_ports: Vec::new(),
         }
     }
 

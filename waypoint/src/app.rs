@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ambit_control_client::discovery::{ConfigState, Subscriber, Subscription, SubscriptionConfig};
 use ambit_control_client::{CaClientConfig, CertManager, TokenSource};
-use ambit_hbone::{Credentials, ServerHandle};
+use ambit_hbone::{Credentials, Dialer, ServerHandle};
 use ambit_identity::{SpiffeId, TrustBundle, TrustDomain, WorkloadCertificate};
 use ambit_runtime::admin::{self, Route, respond};
 use ambit_runtime::readiness::{Blocker, Readiness};
@@ -66,6 +66,11 @@ pub struct Config {
     /// Prometheus metrics address (`/metrics`).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+    /// `SO_MARK` for every connection the waypoint opens (endpoints, controller).
+    /// Sidecar L7 runs the engine inside a captured pod: its sockets carry the
+    /// sidecar's bypass mark (`0x539`) so that capture leaves them alone.
+    #[arg(long, env = "AMBIT_SOCKET_MARK")]
+    pub socket_mark: Option<u32>,
     /// How long to wait for a client's first bytes on a port of unknown protocol
     /// before proxying it as TCP.
     #[arg(long, env = "PROTOCOL_DETECT_TIMEOUT", default_value = "1s", value_parser = ambit_runtime::parse_duration)]
@@ -220,6 +225,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         },
     );
     sub_config.state_file = Some(config.state_dir.join("config-state.json"));
+    sub_config.socket_mark = config.socket_mark;
     let validator_gateway = gateway.clone();
     let (subscription, state) =
         Subscription::spawn(sub_config, move |p| validate(&validator_gateway, p));
@@ -227,6 +233,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
 
     let mut ca_config = CaClientConfig::new(controller, token);
     ca_config.cache_dir = Some(config.state_dir.join("certs"));
+    ca_config.socket_mark = config.socket_mark;
     let certs = CertManager::new(ca_config, trust_domain).map_err(BuildError::CertCache)?;
 
     let shared = SnapshotShared::new(SharedRng::from_os());
@@ -270,6 +277,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             snapshot.clone(),
             listener,
             options,
+            config
+                .socket_mark
+                .map(|mark| Arc::new(MarkedDialer { mark }) as Arc<dyn Dialer>),
             Arc::clone(&hbone),
             cert_blocker,
         )),
@@ -380,12 +390,17 @@ impl Bound {
 
 /// Gets the waypoint's certificate (retried by the certificate manager until the CA
 /// answers), then starts the HBONE server and clears the `certificate` blocker.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the start-up state handed to one task"
+)]
 async fn start_hbone(
     certs: CertManager,
     identity: SpiffeId,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     listener: std::net::TcpListener,
     options: DataPlaneOptions,
+    dialer: Option<Arc<dyn Dialer>>,
     slot: Arc<Mutex<Option<ServerHandle>>>,
     blocker: Blocker,
 ) {
@@ -403,7 +418,7 @@ async fn start_hbone(
         certs,
         initial_bundle,
     });
-    let plane = DataPlane::new(identity, credentials, snapshot, None, options);
+    let plane = DataPlane::new(identity, credentials, snapshot, dialer, options);
     match plane.serve(listener) {
         Ok(handle) => {
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
@@ -472,5 +487,31 @@ impl Credentials for WaypointCredentials {
             .borrow()
             .clone()
             .unwrap_or_else(|| Arc::clone(&self.initial_bundle))
+    }
+}
+
+/// Dials endpoints from sockets carrying `SO_MARK` `mark` (`--socket-mark`).
+#[derive(Clone, Copy, Debug)]
+struct MarkedDialer {
+    mark: u32,
+}
+
+impl Dialer for MarkedDialer {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
+    > {
+        let mark = self.mark;
+        Box::pin(async move {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
+            socket.connect(addr).await
+        })
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask cluster …`: the simulated cluster from the command line.
 //!
 //! ```text
-//! cargo xtask cluster up [--mesh [--no-daemons | --mode ambient|sidecar]] [--waypoint NS/NAME[@NODE,…]]… [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
+//! cargo xtask cluster up [--mesh [--no-daemons | --mode ambient|sidecar|sidecar-l7]] [--waypoint NS/NAME[@NODE,…]]… [--topology FILE] [--name NAME] [--no-build] [--bin-dir DIR]
 //! cargo xtask cluster status [--json]
 //! cargo xtask cluster exec NAMESPACE/POD -- CMD…
 //! cargo xtask cluster apply FILE | delete FILE
@@ -122,8 +122,9 @@ struct UpArgs {
     )]
     daemon_args: Vec<String>,
     /// With --mesh: where the data plane's proxies run: `ambient` (one ambit-node per
-    /// node, pods enrolled through ambit-cni) or `sidecar` (one `ambit-node --mode
-    /// sidecar` inside every meshed pod, no node daemons).
+    /// node, pods enrolled through ambit-cni), `sidecar` (one `ambit-node --mode
+    /// sidecar` inside every meshed pod, no node daemons) or `sidecar-l7` (also the
+    /// waypoint's L7 engine inside the pods its waypoint Service selects).
     #[arg(
         long,
         requires = "mesh",

@@ -635,9 +635,12 @@ impl Cluster {
             // Sidecar mode: each meshed pod's sidecar is ready (its pod captured)
             // before the pod's workload starts, as with Istio's
             // holdApplicationUntilProxyStarts; no node daemons, no CNI calls.
-            Some(mesh) if mesh.daemons && mesh.mode == crate::mesh::DataPlaneMode::Sidecar => {
+            Some(mesh) if mesh.daemons && mesh.mode.is_sidecar() => {
                 self.start_mesh_control(mesh)?;
                 self.start_mesh_sidecars(mesh)?;
+                if mesh.mode == crate::mesh::DataPlaneMode::SidecarL7 {
+                    self.start_mesh_l7_engines(mesh)?;
+                }
                 self.start_workloads(&st, false)?;
                 self.wait_ready()?;
                 self.start_mesh_waypoints(mesh)?;

@@ -107,7 +107,9 @@
 //! state directory. With [`MeshOptions::mode`] set to [`DataPlaneMode::Sidecar`] no
 //! node daemon runs and no CNI call is made: every meshed pod gets `ambit-node --mode
 //! sidecar` in its own namespace and cgroup, ready before its workload starts
-//! ([`Cluster::start_mesh_sidecars`]).
+//! ([`Cluster::start_mesh_sidecars`]). [`DataPlaneMode::SidecarL7`] also runs the
+//! waypoint's L7 engine inside the pods a waypoint's Service selects
+//! ([`Cluster::start_mesh_l7_engines`], module [`mesh`]).
 //!
 //! # Waypoints
 //!
@@ -158,8 +160,8 @@ pub use crate::{
     cni::{CniCommand, PodCni},
     manifests::{CLUSTER_FILE, Deleted, ManifestError, ObjectRef},
     mesh::{
-        ControllerInfo, DaemonInfo, DataPlaneMode, MeshInfo, MeshOptions, SidecarInfo,
-        WaypointProcessInfo,
+        ControllerInfo, DaemonInfo, DataPlaneMode, L7_ENGINE_PROCESS, L7EnginePlacement, MeshInfo,
+        MeshOptions, SidecarInfo, WaypointProcessInfo,
     },
     names::{
         ClusterName, DEFAULT_CLUSTER_NAME, MAX_CLUSTER_NAME_LEN, PodRef, RESOURCE_PREFIX,
@@ -275,6 +277,14 @@ pub enum Error {
     /// No such pod.
     #[error("no pod {0} in the cluster")]
     UnknownPod(String),
+    /// The topology cannot run in the asked mesh mode.
+    #[error("{what}: {reason}")]
+    MeshTopology {
+        /// The object at fault.
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// No such node.
     #[error("no node {0:?} in the cluster")]
     UnknownNode(String),

@@ -46,6 +46,24 @@
 //! A pod labelled into the mesh later ([`Cluster::label_namespace`]) gets no sidecar
 //! (as with sidecar injection, which happens when a pod is created).
 //!
+//! [`DataPlaneMode::SidecarL7`] adds the waypoint's L7 engine inside pods: a waypoint
+//! whose Service (a topology Service named after the Gateway) selects workload pods
+//! and maps the HBONE port 15008 to another target port (15008 is the sidecar's) runs
+//! as one `ambit-waypoint` in each meshed pod the Service selects, beside its sidecar
+//! ([`Cluster::start_mesh_l7_engines`]): the same binary, identity and configuration
+//! as a waypoint pod, only placed in the server's pod. Such a pod's sidecar leaves
+//! the engine's port to it (`--exclude-inbound-ports`), and the engine marks its own
+//! sockets with the sidecar's bypass mark so that capture leaves its connections to
+//! the endpoints and the controller alone:
+//!
+//! ```text
+//! ambit-waypoint --name <gateway> --namespace <ns> --controller-addr http://<control ip>:15012
+//!   --token-file <state>/tokens/waypoint_<ns>_<gateway>.token
+//!   --state-dir <state>/l7/<ns>_<pod> --hbone-addr 0.0.0.0:<target port>
+//!   --socket-mark 1337 --readiness-addr 127.0.0.1:15091 --admin-addr 127.0.0.1:15092
+//!   --metrics-addr 127.0.0.1:15090 [MeshOptions::waypoint_args…]
+//! ```
+//!
 //! A waypoint (topology `waypoints`, see [`crate::topology::WaypointSpec`]) runs in
 //! each of its pods, in the pod's namespace and cgroup, once the control plane is up
 //! ([`Cluster::start_mesh_waypoints`]):
@@ -123,6 +141,16 @@ pub enum DataPlaneMode {
     /// One `ambit-node --mode sidecar` inside every meshed pod; no node daemons, no
     /// CNI calls.
     Sidecar,
+    /// [`DataPlaneMode::Sidecar`] plus the waypoint's L7 engine inside the pods its
+    /// waypoint Service selects (see the module docs).
+    SidecarL7,
+}
+
+impl DataPlaneMode {
+    /// Whether the proxies run inside the pods (no node daemons, no CNI calls).
+    pub fn is_sidecar(self) -> bool {
+        matches!(self, Self::Sidecar | Self::SidecarL7)
+    }
 }
 
 impl std::fmt::Display for DataPlaneMode {
@@ -130,6 +158,7 @@ impl std::fmt::Display for DataPlaneMode {
         f.write_str(match self {
             Self::Ambient => "ambient",
             Self::Sidecar => "sidecar",
+            Self::SidecarL7 => "sidecar-l7",
         })
     }
 }
@@ -141,8 +170,9 @@ impl std::str::FromStr for DataPlaneMode {
         match s {
             "ambient" => Ok(Self::Ambient),
             "sidecar" => Ok(Self::Sidecar),
+            "sidecar-l7" => Ok(Self::SidecarL7),
             other => Err(format!(
-                "unknown data plane mode {other:?}: expected ambient or sidecar"
+                "unknown data plane mode {other:?}: expected ambient, sidecar or sidecar-l7"
             )),
         }
     }
@@ -160,6 +190,16 @@ pub const WAYPOINT_ADMIN_PORT: u16 = 15000;
 pub const WAYPOINT_METRICS_PORT: u16 = 15020;
 /// HBONE port of a waypoint.
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+/// Process name of the waypoint's L7 engine inside a workload pod (sidecar L7).
+pub const L7_ENGINE_PROCESS: &str = "ambit-l7-engine";
+/// Metrics port of an L7 engine, on its pod's loopback.
+pub const L7_ENGINE_METRICS_PORT: u16 = 15090;
+/// Readiness port of an L7 engine, on its pod's loopback.
+pub const L7_ENGINE_READINESS_PORT: u16 = 15091;
+/// Admin port of an L7 engine, on its pod's loopback.
+pub const L7_ENGINE_ADMIN_PORT: u16 = 15092;
+/// `SO_MARK` that the sidecar's capture lets through (`ambit-node`'s bypass mark).
+pub const SIDECAR_BYPASS_MARK: u32 = 0x539;
 /// How long [`Cluster::start_mesh_waypoints`] waits for every waypoint to be ready.
 pub const DEFAULT_WAYPOINT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -204,6 +244,16 @@ impl Default for MeshOptions {
 }
 
 impl MeshOptions {
+    /// The control plane and the data plane in sidecar L7 mode: one sidecar per
+    /// meshed pod, and the waypoints' L7 engines inside the pods their Services select.
+    pub fn with_l7_sidecars() -> Self {
+        Self {
+            daemons: true,
+            mode: DataPlaneMode::SidecarL7,
+            ..Self::default()
+        }
+    }
+
     /// The control plane and the data plane ([`MeshOptions::daemons`] on).
     pub fn with_daemons() -> Self {
         Self {
@@ -240,7 +290,8 @@ pub struct MeshInfo {
     /// Waypoint `namespace/name` → the file holding its bootstrap token (mode 0600).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub waypoint_tokens: BTreeMap<String, PathBuf>,
-    /// The waypoint processes, one per waypoint pod, once started.
+    /// The waypoint processes, one per waypoint pod, once started; in sidecar L7 also
+    /// the L7 engines, one per pod hosting one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waypoints: Vec<WaypointProcessInfo>,
     /// Sidecar mode: the sidecars, one per meshed pod, once started.
@@ -274,7 +325,21 @@ pub struct SidecarInfo {
     pub log: PathBuf,
 }
 
-/// A running waypoint: its pod, where it listens.
+/// Sidecar L7: an L7 engine to run inside a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L7EnginePlacement {
+    /// Namespace of the waypoint's Gateway.
+    pub namespace: String,
+    /// The Gateway's name.
+    pub name: String,
+    /// The pod hosting the engine.
+    pub pod: PodRef,
+    /// The engine's HBONE port in the pod (its waypoint Service's target port).
+    pub port: u16,
+}
+
+/// A running waypoint: its pod, where it listens. In sidecar L7 also an L7 engine
+/// ([`L7_ENGINE_PROCESS`]) inside a workload pod, listening on loopback but for HBONE.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WaypointProcessInfo {
@@ -579,6 +644,11 @@ impl Cluster {
         let Some(mut mesh) = st.mesh.clone() else {
             return Err(Error::MeshNotStarted);
         };
+        let engines = if opts.mode == DataPlaneMode::SidecarL7 {
+            self.l7_engine_placements()?
+        } else {
+            Vec::new()
+        };
         let mut started = Vec::new();
         for pod in self.meshed_pods() {
             let pod_ref = pod.pod_ref();
@@ -628,8 +698,17 @@ impl Cluster {
                 .arg("--admin-addr")
                 .arg(admin_addr.to_string())
                 .arg("--metrics-addr")
-                .arg(any(DAEMON_METRICS_PORT))
-                .args(&opts.daemon_args);
+                .arg(any(DAEMON_METRICS_PORT));
+            let engine_ports: Vec<String> = engines
+                .iter()
+                .filter(|e| e.pod == pod_ref)
+                .map(|e| e.port.to_string())
+                .collect();
+            if !engine_ports.is_empty() {
+                cmd.arg("--exclude-inbound-ports")
+                    .arg(engine_ports.join(","));
+            }
+            cmd.args(&opts.daemon_args);
             let process = self.spawn(Place::Pod(pod_ref.clone()), SIDECAR_PROCESS, cmd)?;
             let info = SidecarInfo {
                 pod: pod_ref.clone(),
@@ -658,6 +737,154 @@ impl Cluster {
             .collect();
         self.wait_all_ready(&awaited, opts.daemon_ready_timeout)?;
         tracing::info!(cluster = %self.name(), sidecars = started.len(), "mesh sidecars ready");
+        Ok(started.into_iter().map(|(info, _)| info).collect())
+    }
+
+    /// Sidecar L7: where the waypoints' L7 engines run (see the module docs): every
+    /// meshed pod selected by a Service named after a waypoint, on the target port of
+    /// its port 15008. Such a Service must map 15008 elsewhere (15008 is the sidecar's).
+    pub fn l7_engine_placements(&self) -> Result<Vec<L7EnginePlacement>, Error> {
+        let st = self.status();
+        let meshed: Vec<PodRef> = self.meshed_pods().iter().map(|p| p.pod_ref()).collect();
+        let mut out = Vec::new();
+        for wp in &st.waypoints {
+            let Some(svc) = st
+                .services
+                .iter()
+                .find(|s| s.namespace == wp.namespace && s.name == wp.name)
+            else {
+                continue;
+            };
+            let port = svc
+                .ports
+                .iter()
+                .find(|p| p.port == WAYPOINT_HBONE_PORT)
+                .map(|p| p.target_port)
+                .ok_or_else(|| Error::MeshTopology {
+                    what: format!("Service {}/{}", svc.namespace, svc.name),
+                    reason: format!(
+                        "the Service of waypoint {}/{} has no port {WAYPOINT_HBONE_PORT}",
+                        wp.namespace, wp.name
+                    ),
+                })?;
+            if port == WAYPOINT_HBONE_PORT {
+                return Err(Error::MeshTopology {
+                    what: format!("Service {}/{}", svc.namespace, svc.name),
+                    reason: format!(
+                        "in sidecar L7 the waypoint's port {WAYPOINT_HBONE_PORT} must target \
+                         another port: {WAYPOINT_HBONE_PORT} is the sidecar's HBONE port"
+                    ),
+                });
+            }
+            for pod in svc.endpoints.iter().filter(|p| meshed.contains(p)) {
+                out.push(L7EnginePlacement {
+                    namespace: wp.namespace.clone(),
+                    name: wp.name.clone(),
+                    pod: pod.clone(),
+                    port,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sidecar L7: starts the waypoints' L7 engines (`ambit-waypoint`) inside the pods
+    /// of [`Cluster::l7_engine_placements`] (see the module docs), and returns once
+    /// every engine's `/healthz/ready` answers 200. Needs the sidecars first
+    /// ([`Cluster::start_mesh_sidecars`]): the engine's port is excluded from capture
+    /// by its pod's sidecar. Recorded in `MeshInfo::waypoints`, stopped by `down`.
+    pub fn start_mesh_l7_engines(
+        &self,
+        opts: &MeshOptions,
+    ) -> Result<Vec<WaypointProcessInfo>, Error> {
+        let placements = self.l7_engine_placements()?;
+        if placements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let binary = self.binary(WAYPOINT_BINARY)?;
+        let st = self.status();
+        let Some(mut mesh) = st.mesh.clone() else {
+            return Err(Error::MeshNotStarted);
+        };
+        let mut started = Vec::new();
+        for e in &placements {
+            let key = format!("{}/{}", e.namespace, e.name);
+            let token_file = mesh
+                .waypoint_tokens
+                .get(&key)
+                .cloned()
+                .ok_or(Error::MeshNotStarted)?;
+            let pod = st
+                .pod(&e.pod)
+                .ok_or_else(|| Error::UnknownPod(e.pod.to_string()))?;
+            let state_dir = st.state_dir.join("l7").join(e.pod.file_stem());
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&state_dir)
+                .map_err(|source| Error::Io {
+                    op: "creating",
+                    path: state_dir.clone(),
+                    source,
+                })?;
+            let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--name")
+                .arg(&e.name)
+                .arg("--namespace")
+                .arg(&e.namespace)
+                .arg("--controller-addr")
+                .arg(format!("http://{}", mesh.controller.grpc_addr))
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("--hbone-addr")
+                .arg(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, e.port).to_string())
+                .arg("--socket-mark")
+                .arg(SIDECAR_BYPASS_MARK.to_string())
+                .arg("--readiness-addr")
+                .arg(local(L7_ENGINE_READINESS_PORT).to_string())
+                .arg("--admin-addr")
+                .arg(local(L7_ENGINE_ADMIN_PORT).to_string())
+                .arg("--metrics-addr")
+                .arg(local(L7_ENGINE_METRICS_PORT).to_string())
+                .args(&opts.waypoint_args)
+                .env("POD_NAME", &pod.name)
+                .env("POD_NAMESPACE", &pod.namespace)
+                .env("POD_IP", pod.ip.to_string())
+                .env("NODE_NAME", &pod.node);
+            let process = self.spawn(Place::Pod(e.pod.clone()), L7_ENGINE_PROCESS, cmd)?;
+            let info = WaypointProcessInfo {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                pod: e.pod.clone(),
+                process: L7_ENGINE_PROCESS.to_owned(),
+                pid: process.pid,
+                hbone_addr: SocketAddrV4::new(pod.ip, e.port),
+                readiness_addr: local(L7_ENGINE_READINESS_PORT),
+                admin_addr: local(L7_ENGINE_ADMIN_PORT),
+                metrics_addr: local(L7_ENGINE_METRICS_PORT),
+                state_dir,
+                token_file,
+                log: process.log.clone(),
+            };
+            mesh.waypoints
+                .retain(|w| !(w.pod == e.pod && w.process == L7_ENGINE_PROCESS));
+            mesh.waypoints.push(info.clone());
+            self.set_mesh(Some(mesh.clone()))?;
+            started.push((info, process));
+        }
+        let awaited: Vec<Awaited<'_>> = started
+            .iter()
+            .map(|(info, process)| Awaited {
+                place: Place::Pod(info.pod.clone()),
+                readiness: SocketAddr::V4(info.readiness_addr),
+                process,
+            })
+            .collect();
+        self.wait_all_ready(&awaited, opts.waypoint_ready_timeout)?;
+        tracing::info!(cluster = %self.name(), engines = started.len(), "mesh L7 engines ready");
         Ok(started.into_iter().map(|(info, _)| info).collect())
     }
 

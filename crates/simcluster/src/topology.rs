@@ -146,7 +146,9 @@ pub struct NamespaceSpec {
 pub struct WaypointSpec {
     /// Gateway name (DNS label); also its pods' service account.
     pub name: String,
-    /// Placement: one waypoint pod per entry, pod `i` on `nodes[i]`.
+    /// Placement: one waypoint pod per entry, pod `i` on `nodes[i]`. Empty: no pods
+    /// of its own (in sidecar L7 its engines run inside the pods its Service selects;
+    /// otherwise the waypoint has no instance and its traffic is refused).
     pub nodes: Vec<String>,
     /// What traffic it carries: the Gateway's `istio.io/waypoint-for` label,
     /// `service` (the default when unset), `workload`, `all` or `none`.
@@ -565,12 +567,6 @@ impl Topology {
                     return Err(invalid(
                         format!("{field}.waypointFor"),
                         format!("{v:?} is not one of {}", WAYPOINT_FOR_VALUES.join(", ")),
-                    ));
-                }
-                if wp.nodes.is_empty() {
-                    return Err(invalid(
-                        format!("{field}.nodes"),
-                        "must place at least one waypoint pod",
                     ));
                 }
                 for (r, node) in wp.nodes.iter().enumerate() {
@@ -1004,10 +1000,6 @@ namespaces:
         assert_eq!(t.waypoint(&r.pods[3]).unwrap().name, "wp");
 
         let cases = [
-            (
-                "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: []}]}]",
-                "`namespaces[0].waypoints[0].nodes`",
-            ),
             (
                 "nodes: [{name: a}]\nnamespaces: [{name: x, waypoints: [{name: wp, nodes: [b]}]}]",
                 "`namespaces[0].waypoints[0].nodes[0]`",

@@ -272,10 +272,25 @@ impl Snapshot {
         let Some(waypoint_service) = self.services_by_name.get(&name) else {
             return refuse("the waypoint's Service is not in the configuration");
         };
-        let instances: Vec<(&Arc<Workload>, Ipv4Addr)> = waypoint_service
+        // The port to dial: the waypoint Service's HBONE port as the endpoint's target
+        // port (a waypoint engine beside a pod's sidecar listens on another port), or
+        // the HBONE port itself.
+        let hbone_port = waypoint.hbone_port_or_default();
+        let mesh_port = waypoint_service
+            .ports
+            .iter()
+            .find(|p| p.port == u32::from(hbone_port));
+        let instances: Vec<(&Arc<Workload>, SocketAddrV4)> = waypoint_service
             .endpoints
             .iter()
-            .filter_map(|e| self.healthy_address(&e.workload_uid))
+            .filter_map(|e| {
+                let (w, ip) = self.healthy_address(&e.workload_uid)?;
+                let port = mesh_port
+                    .and_then(|p| u16::try_from(e.target_port(p)).ok())
+                    .filter(|p| *p != 0)
+                    .unwrap_or(hbone_port);
+                Some((w, SocketAddrV4::new(ip, port)))
+            })
             .collect();
         if instances.is_empty() {
             return refuse("the waypoint has no healthy instance");
@@ -284,11 +299,11 @@ impl Snapshot {
             .next_waypoint
             .get(&name)
             .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
-        let Some(&(instance, ip)) = instances.get(n % instances.len()) else {
+        let Some(&(instance, addr)) = instances.get(n % instances.len()) else {
             return refuse("the waypoint has no healthy instance");
         };
         Route::Waypoint {
-            hbone_addr: SocketAddr::V4(SocketAddrV4::new(ip, waypoint.hbone_port_or_default())),
+            hbone_addr: SocketAddr::V4(addr),
             target,
             identity,
             waypoint: Arc::clone(instance),
@@ -655,6 +670,27 @@ mod tests {
                 "10.0.2.10:15008"
             ]
         );
+    }
+
+    #[test]
+    fn a_waypoint_service_mapping_its_hbone_port_elsewhere_is_dialled_on_the_target_port() {
+        // Sidecar L7: the waypoint's engine runs inside the workload pods, beside their
+        // sidecars (which hold 15008), so its Service maps 15008 to another port.
+        let mut kinds = payment_pods();
+        kinds.push(fronted_service());
+        let mut wp = waypoint("waypoint", &[("wp-0", "10.0.1.9", HealthStatus::Healthy)]);
+        let Some(Kind::Service(svc)) = wp.last_mut() else {
+            unreachable!()
+        };
+        svc.ports[0].target_port = 15088;
+        kinds.extend(wp);
+        let snap = Snapshot::new(&state(kinds));
+        match snap.route("10.96.0.10:80".parse().unwrap()) {
+            Route::Waypoint { hbone_addr, .. } => {
+                assert_eq!(hbone_addr.to_string(), "10.0.1.9:15088");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -360,6 +360,7 @@ mod tests {
         for bin in Mode::AmbientL7.binaries() {
             ambit_test_support::bin_path(bin).unwrap();
         }
+        let l7 = |mode| matches!(mode, Mode::AmbientL7 | Mode::SidecarL7);
         let env = Env {
             plan: Plan::new(Profile::Smoke),
             bin_dir,
@@ -371,9 +372,7 @@ mod tests {
         };
         let (cells, pods) = execute(&env, &selected, Some(Progress::quiet()));
 
-        // Unavailable modes get no cell, never made-up figures.
-        assert!(cells.iter().all(|c| c.mode != Mode::SidecarL7));
-        assert_eq!(cells.len(), 4, "{cells:#?}");
+        assert_eq!(cells.len(), selected.len(), "{cells:#?}");
         for c in &cells {
             assert!(c.error.is_none(), "{:?} failed: {:?}", c.mode, c.error);
             for f in report::FIGURES {
@@ -407,11 +406,13 @@ mod tests {
             assert!(e.deltas.is_empty(), "no mesh, no counters: {e:?}");
         }
 
-        // Two node daemons; plus the waypoint; one sidecar in each of the two pods.
+        // Two node daemons; plus the waypoint; one sidecar in each of the two pods;
+        // plus the L7 engine in the server pod.
         for (mode, data_plane) in [
             (Mode::AmbientL4, 2),
             (Mode::AmbientL7, 3),
             (Mode::SidecarL4, 2),
+            (Mode::SidecarL7, 3),
         ] {
             let amb = cells.iter().find(|c| c.mode == mode).unwrap();
             assert_eq!(
@@ -434,7 +435,7 @@ mod tests {
                     e.scenario,
                     e.expected.connections
                 );
-                let served = if mode == Mode::AmbientL7 && e.expected.http_requests > 0 {
+                let served = if l7(mode) && e.expected.http_requests > 0 {
                     // The waypoint pools its connections to the server: its own
                     // counter proves the requests.
                     e.deltas["waypoint.requests"] >= e.expected.http_requests as f64
@@ -449,7 +450,7 @@ mod tests {
                 .find(|e| e.scenario == "tput_4")
                 .unwrap();
             assert!(streamed.expected.bytes_to_server > 0);
-            let counted = if mode == Mode::AmbientL7 {
+            let counted = if l7(mode) {
                 streamed.deltas["source.received_bytes"]
             } else {
                 streamed.deltas["destination.received_bytes"]
@@ -460,7 +461,7 @@ mod tests {
             );
         }
 
-        assert_eq!(pods.len(), 4 * env.plan.pod_counts.len());
+        assert_eq!(pods.len(), selected.len() * env.plan.pod_counts.len());
         for p in &pods {
             assert!(p.error.is_none(), "{p:?}");
             let data = p.data_plane_rss_mib.unwrap();
@@ -471,14 +472,15 @@ mod tests {
             }
         }
 
-        // The report renders every mode, the unavailable ones as such.
+        // The report renders every mode.
         let meta = report::meta("debug (test)", 0.0, 0.0, "test".into());
         let rep = report::Report::new(meta, env.plan.clone(), &selected, cells, pods);
         let md = rep.markdown();
-        assert!(md.contains("sidecar L7 | not available yet"), "{md}");
+        assert!(!md.contains("not available yet"), "{md}");
         assert!(rep.summary[&Mode::SidecarL4]["tput_1"].ratio.is_some());
         assert!(rep.summary[&Mode::AmbientL4]["tput_1"].ratio.is_some());
         assert!(rep.summary[&Mode::AmbientL7]["http_p50"].ratio.is_some());
+        assert!(rep.summary[&Mode::SidecarL7]["http_p50"].ratio.is_some());
         let dir = std::env::temp_dir().join(format!("ambit-bench-test-{}", std::process::id()));
         let written = rep.write(&dir).unwrap();
         assert_eq!(written.len(), 5);

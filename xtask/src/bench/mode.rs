@@ -2,8 +2,8 @@
 //! the cluster is brought up, which processes are "the mesh", and how a scenario's
 //! traffic is proven to have taken the mode's path.
 //!
-//! Adding a mode (sidecar L7) means filling in its arms here: the rest
-//! of the harness only calls these functions.
+//! Adding a mode means filling in its arms here: the rest of the harness only calls
+//! these functions.
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +30,8 @@ pub enum Mode {
     AmbientL7,
     /// `ambit-node --mode sidecar` inside each pod.
     SidecarL4,
-    /// The sidecar plus the waypoint's L7 engine inside each pod.
+    /// The sidecar in each pod plus the waypoint's L7 engine inside the server pod
+    /// (the same `ambit-waypoint` as ambient L7, placed in the pod it fronts).
     SidecarL7,
 }
 
@@ -138,11 +139,11 @@ impl Mode {
     /// report as not available, never given figures.
     pub fn availability(self) -> Result<(), &'static str> {
         match self {
-            Mode::NoMesh | Mode::AmbientL4 | Mode::AmbientL7 | Mode::SidecarL4 => Ok(()),
-            Mode::SidecarL7 => Err(
-                "needs the waypoint's L7 engine run per pod (designed in ARCHITECTURE.md, \
-                 not implemented)",
-            ),
+            Mode::NoMesh
+            | Mode::AmbientL4
+            | Mode::AmbientL7
+            | Mode::SidecarL4
+            | Mode::SidecarL7 => Ok(()),
         }
     }
 
@@ -169,27 +170,49 @@ impl Mode {
             Mode::AmbientL4 => &["ambit-echo", "ambit-controller", "ambit-node", "ambit-cni"],
             // `ambit-node --mode sidecar` in each pod: no CNI plugin.
             Mode::SidecarL4 => &["ambit-echo", "ambit-controller", "ambit-node"],
-            Mode::AmbientL7 | Mode::SidecarL7 => &[
+            Mode::AmbientL7 => &[
                 "ambit-echo",
                 "ambit-controller",
                 "ambit-node",
                 "ambit-cni",
                 "ambit-waypoint",
             ],
+            Mode::SidecarL7 => &[
+                "ambit-echo",
+                "ambit-controller",
+                "ambit-node",
+                "ambit-waypoint",
+            ],
         }
     }
 
     /// The mode's topology with `pods` workload pods: the same for every mode, plus the
-    /// waypoint for ambient L7.
+    /// waypoint for the L7 modes (its own pod in ambient L7; in sidecar L7 its Service
+    /// selects the server pods, which run its engine).
     pub fn topology(self, pods: usize) -> anyhow::Result<Topology> {
-        topology::with_pods(pods, self == Mode::AmbientL7)
+        let waypoint = match self {
+            Mode::AmbientL7 => topology::Waypoint::OwnPod,
+            Mode::SidecarL7 => topology::Waypoint::InServerPods,
+            Mode::NoMesh | Mode::AmbientL4 | Mode::SidecarL4 => topology::Waypoint::None,
+        };
+        topology::with_pods(pods, waypoint)
     }
 
-    /// Where the client sends its traffic: the server pod's IP, or in ambient L7 the
+    /// Whether the server Service is fronted by the waypoint's L7 engine.
+    fn is_l7(self) -> bool {
+        matches!(self, Mode::AmbientL7 | Mode::SidecarL7)
+    }
+
+    /// Whether the proxies run inside the pods.
+    fn is_sidecar(self) -> bool {
+        matches!(self, Mode::SidecarL4 | Mode::SidecarL7)
+    }
+
+    /// Where the client sends its traffic: the server pod's IP, or in the L7 modes the
     /// server Service's VIP (a waypoint fronts a Service; without the mesh nothing
     /// answers on a VIP, so the other modes use the pod IP).
     pub fn targets(self, cluster: &Cluster) -> anyhow::Result<Targets> {
-        let (ip, http_port) = if self == Mode::AmbientL7 {
+        let (ip, http_port) = if self.is_l7() {
             let svc = cluster.service(&format!("{}/server", topology::NAMESPACE))?;
             (svc.cluster_ip, 80)
         } else {
@@ -231,9 +254,12 @@ impl Mode {
                 daemon_args: mesh.daemon_args.clone(),
                 ..MeshOptions::with_sidecars()
             }),
-            Mode::SidecarL7 => {
-                unreachable!("availability() refused the mode above")
-            }
+            // The sidecars, and the waypoint's engine in the server pod.
+            Mode::SidecarL7 => opts.mesh(MeshOptions {
+                controller_args: mesh.controller_args.clone(),
+                daemon_args: mesh.daemon_args.clone(),
+                ..MeshOptions::with_l7_sidecars()
+            }),
         };
         let name = opts.name.clone();
         Cluster::up(opts, topology)
@@ -292,8 +318,9 @@ impl Mode {
                 Ok(())
             }
             // A sidecar's readiness includes its pod's certificate (blocker `pod`),
-            // and `up` waits for every sidecar's readiness: check that every pod got one.
-            Mode::SidecarL4 => {
+            // and `up` waits for every sidecar's readiness (and every L7 engine's, which
+            // includes its certificate): check that every pod got one.
+            Mode::SidecarL4 | Mode::SidecarL7 => {
                 let mesh = cluster.mesh().context("the cluster has no mesh")?;
                 for pod in cluster.pods().into_iter().filter(|p| p.waypoint.is_none()) {
                     ensure!(
@@ -302,10 +329,15 @@ impl Mode {
                         pod.pod_ref()
                     );
                 }
+                if self == Mode::SidecarL7 {
+                    ensure!(
+                        mesh.waypoints
+                            .iter()
+                            .any(|w| w.pod.to_string() == topology::server_pod()),
+                        "the server pod runs no L7 engine"
+                    );
+                }
                 Ok(())
-            }
-            Mode::SidecarL7 => {
-                bail!("mode {} has no readiness check yet", self.id())
             }
         }
     }
@@ -323,7 +355,7 @@ impl Mode {
                     pid: mesh.controller.pid,
                     data_plane: false,
                 }];
-                if matches!(self, Mode::SidecarL4 | Mode::SidecarL7) {
+                if self.is_sidecar() {
                     let pods = status.pods.iter().filter(|p| p.waypoint.is_none()).count();
                     ensure!(
                         mesh.daemons.is_empty() && mesh.sidecars.len() == pods,
@@ -354,8 +386,9 @@ impl Mode {
                     pid: w.pid,
                     data_plane: true,
                 }));
+                // Ambient L7: the waypoint pod; sidecar L7: the engine in the server pod.
                 let waypoints = mesh.waypoints.len();
-                let want = usize::from(self == Mode::AmbientL7);
+                let want = usize::from(self.is_l7());
                 ensure!(
                     waypoints == want,
                     "mode {} runs {waypoints} waypoints, expected {want}",
@@ -375,9 +408,10 @@ impl Mode {
             return Ok(Counters(out));
         }
         let mesh = cluster.mesh().context("the cluster has no mesh")?;
-        // In ambient L7 the client's daemon tunnels to the waypoint, which tunnels on
-        // to the server (whose daemon still reports the client's identity).
-        let first_hop = if self == Mode::AmbientL7 {
+        // In the L7 modes the client's proxy tunnels to the waypoint (its pod, or its
+        // engine in the server pod), which tunnels on to the server (whose proxy still
+        // reports the client's identity).
+        let first_hop = if self.is_l7() {
             topology::WAYPOINT
         } else {
             topology::SERVER_SA
@@ -396,7 +430,7 @@ impl Mode {
                 topology::SERVER_SA,
             ),
         ] {
-            let (place, addr, proxy) = if matches!(self, Mode::SidecarL4 | Mode::SidecarL7) {
+            let (place, addr, proxy) = if self.is_sidecar() {
                 let sidecar = mesh
                     .sidecars
                     .iter()
@@ -437,7 +471,7 @@ impl Mode {
                 );
             }
         }
-        if self == Mode::AmbientL7 {
+        if self.is_l7() {
             let w = mesh.waypoints.first().context("no waypoint")?;
             let (code, body) = cluster
                 .http_get(
@@ -504,19 +538,19 @@ impl Mode {
                     deltas: BTreeMap::new(),
                 })
             }
-            Mode::AmbientL4 | Mode::AmbientL7 | Mode::SidecarL4 => {
+            Mode::AmbientL4 | Mode::AmbientL7 | Mode::SidecarL4 | Mode::SidecarL7 => {
                 ensure!(
                     capture.contains(&15001),
                     "{scenario}: the client pod has no outbound capture listener (15001); \
                      listeners: {listeners:?}"
                 );
-                let l7 = self == Mode::AmbientL7;
+                let l7 = self.is_l7();
                 let conns = expect.connections as f64;
                 let bytes = expect.bytes_to_server as f64;
-                // Ambient L7: every client connection is a tunnel to the waypoint
-                // (node-1's daemon counts it); the waypoint pools its HTTP connections
-                // to the server, so on node-2 only TCP scenarios map one to one, and
-                // HTTP requests are proven by the waypoint's own counter.
+                // L7 modes: every client connection is a tunnel to the waypoint (the
+                // client's proxy counts it); the waypoint pools its HTTP connections
+                // to the server, so on the server's side only TCP scenarios map one to
+                // one, and HTTP requests are proven by the waypoint's own counter.
                 let need = |key: &str| -> f64 {
                     match key {
                         "source.opened" => conns,
@@ -545,7 +579,11 @@ impl Mode {
                     if short.is_empty() {
                         return Ok(Evidence {
                             scenario: scenario.to_owned(),
-                            path: if l7 {
+                            path: if self == Mode::SidecarL7 {
+                                "HBONE with mutual_tls client's sidecar → the waypoint's L7 \
+                                 engine in the server pod, and engine → the server's sidecar; \
+                                 HTTP requests counted by the engine"
+                            } else if l7 {
                                 "HBONE with mutual_tls client → waypoint (node-1's daemon) and \
                                  waypoint → server (node-2's daemon); HTTP requests counted \
                                  by the waypoint"
@@ -569,9 +607,6 @@ impl Mode {
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-            }
-            Mode::SidecarL7 => {
-                bail!("mode {} has no path check yet", self.id())
             }
         }
     }
@@ -601,15 +636,9 @@ mod tests {
     }
 
     #[test]
-    fn only_runnable_modes_are_available() {
-        for m in [
-            Mode::NoMesh,
-            Mode::AmbientL4,
-            Mode::AmbientL7,
-            Mode::SidecarL4,
-        ] {
+    fn every_mode_is_available() {
+        for m in Mode::ALL {
             assert!(m.availability().is_ok(), "{m:?}");
         }
-        assert!(Mode::SidecarL7.availability().is_err());
     }
 }
