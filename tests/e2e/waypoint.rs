@@ -266,7 +266,8 @@ fn split_and_canary(env: &Env<'_>) -> anyhow::Result<()> {
         s.by_pod
     );
 
-    let s = env.load(CHECKOUT, &url, 50, 2, &["x-canary: true"])?;
+    // Over HTTP/2 (h2c prior knowledge), which the waypoint detects on the tunnel.
+    let s = env.load(CHECKOUT, &url, 50, 2, &["x-canary: true", "--http2"])?;
     ensure!(
         s.ok == 50 && s.by_version.get("v2") == Some(&50),
         "x-canary: true must go to v2 only: {s:?}"
@@ -1089,7 +1090,8 @@ impl<'c> Env<'c> {
         ))
     }
 
-    /// `ambit-echo load`: `n` GET requests, `c` at a time.
+    /// `ambit-echo load`: `n` GET requests, `c` at a time, with these headers (and
+    /// `--http2` for HTTP/2).
     fn load(
         &self,
         from: &str,
@@ -1101,7 +1103,11 @@ impl<'c> Env<'c> {
         let (n, c) = (n.to_string(), c.to_string());
         let mut args = vec!["load", "--url", url, "-n", &n, "-c", &c, "--timeout", "20s"];
         for h in headers {
-            args.extend(["-H", h]);
+            if h.starts_with("--") {
+                args.push(h);
+            } else {
+                args.extend(["-H", h]);
+            }
         }
         let out = self.exec(from, &args)?;
         ensure!(
