@@ -550,16 +550,30 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// CPU of the mesh processes, and of the client and server pods apart from mesh
+    /// processes running inside them (sidecar modes), so that nothing counts twice.
     fn cpu(&self) -> anyhow::Result<CpuSnap> {
         let mut mesh = 0.0;
+        let mut mesh_in_pods = 0.0;
         for p in self.procs {
-            mesh += procfs::cpu_seconds(p.pid).with_context(|| format!("CPU of {}", p.name))?;
+            let cpu = procfs::cpu_seconds(p.pid).with_context(|| format!("CPU of {}", p.name))?;
+            mesh += cpu;
+            let cgroup =
+                procfs::cgroup_of(p.pid).with_context(|| format!("cgroup of {}", p.name))?;
+            if !cgroup.as_os_str().is_empty()
+                && self.workload_cgroups.iter().any(|cg| cg.ends_with(&cgroup))
+            {
+                mesh_in_pods += cpu;
+            }
         }
         let mut workloads = 0.0;
         for cg in self.workload_cgroups {
             workloads += procfs::cgroup_cpu_seconds(cg)?;
         }
-        Ok(CpuSnap { mesh, workloads })
+        Ok(CpuSnap {
+            mesh,
+            workloads: workloads - mesh_in_pods,
+        })
     }
 
     /// Opens `n` connections client → server with `ambit-echo hold`, checks their

@@ -2,7 +2,10 @@
 //! processes, CPU time of pod cgroups, and TCP listeners inside a process's network
 //! namespace.
 
-use std::{path::Path, sync::OnceLock};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -63,6 +66,17 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     let mut parts = line.split_whitespace();
     let kb: u64 = parts.next()?.parse().ok()?;
     (parts.next() == Some("kB")).then_some(kb * 1024)
+}
+
+/// The cgroup v2 of process `pid`, relative to the cgroup2 mount (the `0::` line of
+/// `/proc/<pid>/cgroup`, without its leading `/`).
+pub fn cgroup_of(pid: u32) -> anyhow::Result<PathBuf> {
+    let path = format!("/proc/{pid}/cgroup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| PathBuf::from(rel.trim().trim_start_matches('/')))
+        .with_context(|| format!("{path} has no cgroup v2 line: {text:?}"))
 }
 
 /// CPU seconds used by everything in a cgroup v2 (`usage_usec` of `cpu.stat`, present
@@ -140,5 +154,7 @@ mod tests {
         let me = std::process::id();
         assert!(rss_bytes(me).unwrap() > 0);
         assert!(cpu_seconds(me).unwrap() >= 0.0);
+        let cgroup = cgroup_of(me).unwrap();
+        assert!(cgroup.is_relative(), "{cgroup:?}");
     }
 }
