@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::inbound::{DataPlane, DataPlaneOptions};
 use crate::mirror::{MirrorMetrics, MirrorOptions};
+use crate::otlp::{self, OtlpConfig, OtlpExporter, OtlpMetrics};
 use crate::rng::SharedRng;
 use crate::router::RouterOptions;
 use crate::snapshot::{ObjectName, Snapshot, SnapshotShared, error_chain, validate};
@@ -76,6 +77,16 @@ pub struct Config {
     #[arg(long, env = "PROTOCOL_DETECT_TIMEOUT", default_value = "1s", value_parser = ambit_runtime::parse_duration)]
     #[serde(serialize_with = "duration_text")]
     pub protocol_detect_timeout: Duration,
+    /// OTLP/HTTP (JSON) traces URL, e.g. `http://otel-collector:4318/v1/traces`: export
+    /// the span of each request whose trace is sampled. Unset: read
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` and append `/v1/traces`; if that is unset too,
+    /// nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Percentage of new traces (requests without a `traceparent`) the waypoint starts
+    /// sampled; traces it continues keep their caller's decision.
+    #[arg(long, env = "AMBIT_TRACE_SAMPLING", default_value_t = 0.0, value_parser = parse_percent)]
+    pub trace_sampling: f64,
     #[command(flatten)]
     #[serde(skip)]
     pub admin: AdminArgs,
@@ -131,6 +142,9 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// The OTLP endpoint is unusable.
+    #[error("configuring the OTLP exporter")]
+    Otlp(#[source] crate::otlp::OtlpError),
     /// The admin, readiness or metrics server could not bind.
     #[error("starting the admin servers")]
     Admin(#[source] ambit_runtime::admin::AdminError),
@@ -190,6 +204,24 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let request_metrics = RequestMetrics::register(&mut registry);
     let mirror_metrics = MirrorMetrics::register(&mut registry);
+    let mut telemetry =
+        TelemetryLayer::new(request_metrics).with_trace_sampling(config.trace_sampling);
+    let base_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok();
+    if let Some(endpoint) =
+        otlp::traces_endpoint(config.otlp_endpoint.as_deref(), base_endpoint.as_deref())
+    {
+        let exporter = OtlpExporter::spawn(
+            OtlpConfig::new(
+                endpoint.clone(),
+                config.namespace.clone(),
+                config.name.clone(),
+            ),
+            OtlpMetrics::register(&mut registry),
+        )
+        .map_err(BuildError::Otlp)?;
+        tracing::info!(%endpoint, sampling = config.trace_sampling, "exporting request spans over OTLP");
+        telemetry = telemetry.with_otlp(exporter);
+    }
     let registry = Arc::new(registry);
     let metrics_route = {
         let registry = Arc::clone(&registry);
@@ -254,7 +286,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let hbone: Arc<Mutex<Option<ServerHandle>>> = Arc::default();
     let options = DataPlaneOptions {
         detect_timeout: config.protocol_detect_timeout,
-        telemetry: TelemetryLayer::new(request_metrics),
+        telemetry,
         router: RouterOptions {
             mirror: MirrorOptions {
                 metrics: mirror_metrics,
@@ -472,6 +504,20 @@ fn snapshot_of(
     }
 }
 
+/// A percentage, 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} is not a percentage between 0 and 100"))
+    }
+}
+
 fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{d:?}"))
 }
@@ -513,5 +559,21 @@ impl Dialer for MarkedDialer {
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
             socket.connect(addr).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_sampling_is_a_percentage() {
+        assert_eq!(parse_percent("1").unwrap(), 1.0);
+        assert_eq!(parse_percent("12.5%").unwrap(), 12.5);
+        assert_eq!(parse_percent("100").unwrap(), 100.0);
+        assert!(parse_percent("101").unwrap_err().contains("\"101\""));
+        assert!(parse_percent("-1").is_err());
+        assert!(parse_percent("NaN").is_err());
+        assert!(parse_percent("lots").unwrap_err().contains("lots"));
     }
 }

@@ -42,6 +42,7 @@ pub mod fault;
 pub mod inbound;
 pub mod mirror;
 pub mod modify;
+pub mod otlp;
 pub mod outlier;
 pub mod pool;
 pub mod retry;

@@ -26,8 +26,11 @@
 //! Tracing: a valid incoming `traceparent` keeps its trace id and flags and the
 //! upstream receives a new span id whose parent is the caller's; without one (or with
 //! an invalid one) the tunnel's `traceparent` from the HBONE CONNECT is continued, else
-//! a new trace starts (not sampled). Each request runs in a `tracing` span carrying the
-//! ids. Exporting spans (OTLP) is not implemented.
+//! a new trace starts (sampled with the probability [`TelemetryLayer::with_trace_sampling`]
+//! sets, by default never). Each request runs in a `tracing` span carrying the ids.
+//! With [`TelemetryLayer::with_otlp`], the span of every request whose trace is sampled
+//! (flag `01`, the caller's decision kept as W3C and Istio do) is exported over OTLP
+//! ([`crate::otlp`]) when the request completes.
 //!
 //! Response flags follow Envoy's short codes. An authorization denial has none (Envoy's
 //! RBAC filter sets no flag; its `403` carries the response code details
@@ -64,6 +67,7 @@ use crate::{
     authz::AuthzDenied,
     body::{BoxError, ProxyBody},
     fault::{FaultAborted, FaultDelayed},
+    otlp::{AttrValue, OtlpExporter, SpanRecord},
     pool::Overflow,
     retry::{RetryCounter, RetryLimitExceeded},
     router::{NoRoute, RouteName, UpstreamFailed},
@@ -549,6 +553,9 @@ pub type AccessLogSink = Arc<dyn Fn(&AccessLog) + Send + Sync>;
 pub struct TelemetryLayer {
     metrics: RequestMetrics,
     sink: Option<AccessLogSink>,
+    otlp: Option<OtlpExporter>,
+    /// Percentage of new traces started sampled.
+    sampling: f64,
 }
 
 impl std::fmt::Debug for TelemetryLayer {
@@ -556,6 +563,8 @@ impl std::fmt::Debug for TelemetryLayer {
         f.debug_struct("TelemetryLayer")
             .field("metrics", &self.metrics)
             .field("sink", &self.sink.is_some())
+            .field("otlp", &self.otlp.is_some())
+            .field("sampling", &self.sampling)
             .finish()
     }
 }
@@ -566,7 +575,31 @@ impl TelemetryLayer {
         Self {
             metrics,
             sink: None,
+            otlp: None,
+            sampling: 0.0,
         }
+    }
+
+    /// Also export the span of every request in a sampled trace to `exporter`.
+    pub fn with_otlp(mut self, exporter: OtlpExporter) -> Self {
+        self.otlp = Some(exporter);
+        self
+    }
+
+    /// Start `percent` (0–100, clamped) of new traces — those without an incoming
+    /// `traceparent` — sampled; default 0. Continued traces keep their caller's flag.
+    pub fn with_trace_sampling(mut self, percent: f64) -> Self {
+        self.sampling = if percent.is_nan() {
+            0.0
+        } else {
+            percent.clamp(0.0, 100.0)
+        };
+        self
+    }
+
+    fn sample_new(&self) -> bool {
+        self.sampling >= 100.0
+            || (self.sampling > 0.0 && rand::random::<f64>() * 100.0 < self.sampling)
     }
 
     /// Also hand every access-log entry to `sink` (e.g. an admin endpoint's tail).
@@ -605,15 +638,23 @@ pub struct TraceContext {
     pub parent_span_id: Option<String>,
     /// The `traceparent` to send upstream.
     pub traceparent: Option<Traceparent>,
+    /// Whether the trace is sampled (flag `01`).
+    pub sampled: bool,
 }
 
 impl TraceContext {
-    /// Continues `incoming` (a child span), or starts a trace.
+    /// Continues `incoming` (a child span), or starts an unsampled trace.
     pub fn child_of(incoming: Option<&Traceparent>) -> Self {
+        Self::child_of_sampling(incoming, false)
+    }
+
+    /// Continues `incoming` keeping its sampling decision, or starts a trace that is
+    /// sampled if `sample_new`.
+    pub fn child_of_sampling(incoming: Option<&Traceparent>, sample_new: bool) -> Self {
         let span = nonzero_u64();
         let (trace, parent, sampled) = match incoming.and_then(parts) {
             Some((trace, parent, sampled)) => (trace, Some(parent), sampled),
-            None => (nonzero_u128(), None, false),
+            None => (nonzero_u128(), None, sample_new),
         };
         // Both ids are non-zero and rendered as lower-case hex: always valid.
         let traceparent = Traceparent::new(trace, span, sampled).ok();
@@ -622,6 +663,7 @@ impl TraceContext {
             span_id: format!("{span:016x}"),
             parent_span_id: parent.map(|p| format!("{p:016x}")),
             traceparent,
+            sampled,
         }
     }
 }
@@ -680,6 +722,7 @@ fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
 /// What is known when the request arrives.
 struct Arrival {
     start: Instant,
+    start_system: SystemTime,
     start_time: String,
     method: String,
     path: String,
@@ -707,6 +750,7 @@ struct Outcome {
 struct Completion {
     metrics: RequestMetrics,
     sink: Option<AccessLogSink>,
+    otlp: Option<OtlpExporter>,
     arrival: Arrival,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
@@ -820,9 +864,103 @@ impl Completion {
             request_id: a.request_id.clone(),
         };
         log.emit();
+        if let Some(otlp) = &self.otlp
+            && a.trace.sampled
+        {
+            otlp.record(span_record(a, elapsed, &log));
+        }
         if let Some(sink) = &self.sink {
             sink(&log);
         }
+    }
+}
+
+/// The request's span for export: named `<method> <route or path>`, with OpenTelemetry's
+/// HTTP attributes and the waypoint's own (`ambit.*`); status ERROR for a 5xx or no
+/// response.
+fn span_record(a: &Arrival, elapsed: std::time::Duration, log: &AccessLog) -> SpanRecord {
+    let nanos = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    };
+    let (path, query) = log.path.split_once('?').unwrap_or((&log.path, ""));
+    let text = |s: &str| AttrValue::Str(s.to_owned());
+    let mut attributes = vec![
+        ("http.request.method", text(&log.method)),
+        ("url.path", text(path)),
+    ];
+    if !query.is_empty() {
+        attributes.push(("url.query", text(query)));
+    }
+    attributes.extend([
+        ("network.protocol.name", text("http")),
+        (
+            "network.protocol.version",
+            text(log.protocol.strip_prefix("HTTP/").unwrap_or(log.protocol)),
+        ),
+        (
+            "http.response.status_code",
+            AttrValue::Int(i64::from(log.response_code)),
+        ),
+        ("server.address", text(&log.destination_service)),
+        ("ambit.authority", text(&log.authority)),
+        ("ambit.response_flags", text(&log.response_flags)),
+        ("ambit.source.principal", text(&log.source_principal)),
+        ("ambit.source.workload", text(&log.source_workload)),
+        ("ambit.source.namespace", text(&log.source_namespace)),
+        (
+            "ambit.destination.principal",
+            text(&log.destination_principal),
+        ),
+        (
+            "ambit.destination.workload",
+            text(&log.destination_workload),
+        ),
+        (
+            "http.request.body.size",
+            AttrValue::Int(i64::try_from(log.bytes_received).unwrap_or(i64::MAX)),
+        ),
+        (
+            "http.response.body.size",
+            AttrValue::Int(i64::try_from(log.bytes_sent).unwrap_or(i64::MAX)),
+        ),
+    ]);
+    if let Some(host) = log.upstream_host {
+        attributes.push(("ambit.upstream.host", text(&host.to_string())));
+    }
+    if let Some(route) = &log.route_name {
+        attributes.push(("ambit.route", text(route)));
+    }
+    if log.retries > 0 {
+        attributes.push((
+            "ambit.retries",
+            AttrValue::Int(i64::try_from(log.retries).unwrap_or(i64::MAX)),
+        ));
+    }
+    if let Some(status) = &log.grpc_status {
+        attributes.push(("rpc.grpc.status_code", text(status)));
+    }
+    if let Some(id) = &log.request_id {
+        attributes.push(("ambit.request_id", text(id)));
+    }
+    let error = match log.response_code {
+        0 => Some("no response sent".to_owned()),
+        c if c >= 500 => Some(format!("response code {c}")),
+        _ => None,
+    };
+    SpanRecord {
+        trace_id: a.trace.trace_id.clone(),
+        span_id: a.trace.span_id.clone(),
+        parent_span_id: a.trace.parent_span_id.clone(),
+        name: format!(
+            "{} {}",
+            log.method,
+            log.route_name.as_deref().unwrap_or(path)
+        ),
+        start_unix_nanos: nanos(a.start_system),
+        end_unix_nanos: nanos(a.start_system + elapsed),
+        attributes,
+        error,
     }
 }
 
@@ -863,17 +1001,20 @@ where
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| Traceparent::parse(s).ok());
-        let trace =
-            TraceContext::child_of(incoming.as_ref().or(context.tunnel_traceparent.as_ref()));
+        let incoming = incoming.as_ref().or(context.tunnel_traceparent.as_ref());
+        let sample_new = incoming.is_none() && self.layer.sample_new();
+        let trace = TraceContext::child_of_sampling(incoming, sample_new);
         let authority = request
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
             .or_else(|| header_text(request.headers(), "host"))
             .unwrap_or_default();
+        let start_system = SystemTime::now();
         let arrival = Arrival {
             start,
-            start_time: rfc3339_millis(SystemTime::now()),
+            start_system,
+            start_time: rfc3339_millis(start_system),
             method: request.method().as_str().to_owned(),
             path: request
                 .uri()
@@ -917,6 +1058,7 @@ where
         let mut completion = Completion {
             metrics: self.layer.metrics.clone(),
             sink: self.layer.sink.clone(),
+            otlp: self.layer.otlp.clone(),
             arrival,
             request_bytes,
             response_bytes: 0,
@@ -1352,6 +1494,37 @@ mod tests {
             parse(&seen[3]).trace_id(),
             "0af7651916cd43dd8448eb211c80319c"
         );
+    }
+
+    #[tokio::test]
+    async fn trace_sampling_applies_to_new_traces_only() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen2 = seen.clone();
+        let inner = service_fn(move |r: Request<ProxyBody>| {
+            seen2
+                .lock()
+                .unwrap()
+                .push(r.headers()["traceparent"].to_str().unwrap().to_owned());
+            async { Ok::<_, Infallible>(Response::new(ProxyBody::default())) }
+        });
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        for (percent, flags) in [(100.0, "-01"), (0.0, "-00"), (f64::NAN, "-00")] {
+            let f = Fixture::new();
+            let svc = f
+                .layer
+                .clone()
+                .with_trace_sampling(percent)
+                .layer(inner.clone());
+            drain(svc.clone().oneshot(request("")).await.unwrap()).await;
+            let mut r = request("");
+            r.headers_mut()
+                .insert("traceparent", unsampled.parse().unwrap());
+            drain(svc.oneshot(r).await.unwrap()).await;
+            let seen = std::mem::take(&mut *seen.lock().unwrap());
+            assert!(seen[0].ends_with(flags), "{percent}: {seen:?}");
+            // The caller's decision stands.
+            assert!(seen[1].ends_with("-00"), "{percent}: {seen:?}");
+        }
     }
 
     type MakeResponse = Box<dyn Fn() -> Response<ProxyBody> + Send + Sync>;

@@ -31,6 +31,7 @@ use ambit_identity::{
 };
 use ambit_test_support::eventually_async;
 use ambit_waypoint::inbound::{DataPlane, DataPlaneOptions};
+use ambit_waypoint::otlp::{OtlpConfig, OtlpExporter, OtlpMetrics};
 use ambit_waypoint::rng::SharedRng;
 use ambit_waypoint::router::RouterOptions;
 use ambit_waypoint::snapshot::{ObjectName, Snapshot, SnapshotShared};
@@ -501,6 +502,16 @@ impl Setup {
     /// The waypoint serving `extra` on top of the cluster; backends for the three
     /// pods, `payment-v1`'s presenting `v1_presents`' identity.
     async fn start(extra: Vec<Resource>, v1_presents: &str) -> Self {
+        Self::start_with(extra, v1_presents, |_, t| t).await
+    }
+
+    /// As [`Setup::start`], `adjust` completing the telemetry layer (with the
+    /// registry `/metrics` shows).
+    async fn start_with(
+        extra: Vec<Resource>,
+        v1_presents: &str,
+        adjust: impl FnOnce(&mut Registry, TelemetryLayer) -> TelemetryLayer,
+    ) -> Self {
         let _ = rustls::crypto::CryptoProvider::install_default(
             ambit_identity::tls::crypto_provider().as_ref().clone(),
         );
@@ -524,6 +535,7 @@ impl Setup {
         let telemetry = TelemetryLayer::new(RequestMetrics::register(&mut registry)).with_sink(
             Arc::new(move |log: &AccessLog| sink.lock().unwrap().push(log.clone())),
         );
+        let telemetry = adjust(&mut registry, telemetry);
         let options = DataPlaneOptions {
             telemetry,
             detect_timeout: Duration::from_millis(500),
@@ -1360,4 +1372,272 @@ async fn metrics_name_the_source_workload_found_by_the_clients_address() {
     let log = setup.logs_eventually(2).await.remove(1);
     assert_eq!(log.source_workload, "unknown");
     assert_eq!(log.source_principal, "cluster.local/ns/shop/sa/checkout");
+}
+
+// ------------------------------------------------------------------ OTLP export
+
+/// A local OTLP/HTTP collector: records each request's path, content type and JSON
+/// body, answering 200.
+async fn collector() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<(String, String, serde_json::Value)>>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: Arc<Mutex<Vec<(String, String, serde_json::Value)>>> = Arc::default();
+    let store = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let store = store.clone();
+            let service = hyper::service::service_fn(move |r: Request<Incoming>| {
+                let store = store.clone();
+                async move {
+                    let path = r.uri().path().to_owned();
+                    let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+                    let body = r.into_body().collect().await.unwrap().to_bytes();
+                    let json = serde_json::from_slice(&body).unwrap();
+                    store.lock().unwrap().push((path, content_type, json));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, received)
+}
+
+/// The exported spans, once there are `n`.
+async fn spans_eventually(
+    received: &Mutex<Vec<(String, String, serde_json::Value)>>,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    eventually_async("exported spans", Duration::from_secs(10), POLL, || {
+        let spans: Vec<serde_json::Value> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, _, json)| {
+                json["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        async move {
+            anyhow::ensure!(spans.len() == n, "{} spans, want {n}", spans.len());
+            Ok(spans)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    span["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == key)
+        .map_or(&serde_json::Value::Null, |a| &a["value"])
+}
+
+fn exporter(
+    endpoint: String,
+    registry: &mut Registry,
+    adjust: impl FnOnce(&mut OtlpConfig),
+) -> (OtlpExporter, OtlpMetrics) {
+    let metrics = OtlpMetrics::register(registry);
+    let mut config = OtlpConfig::new(endpoint, NS.into(), "waypoint".into());
+    config.flush_interval = Duration::from_millis(20);
+    adjust(&mut config);
+    (
+        OtlpExporter::spawn(config, metrics.clone()).unwrap(),
+        metrics,
+    )
+}
+
+#[tokio::test]
+async fn sampled_requests_are_exported_as_otlp_spans() {
+    let (addr, received) = collector().await;
+    let setup = Setup::start_with(vec![], "payment", |registry, t| {
+        let (e, _) = exporter(format!("http://{addr}/v1/traces"), registry, |_| {});
+        t.with_otlp(e)
+    })
+    .await;
+    let mut client = setup.http1(HTTP_PORT).await;
+    let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    let failing = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let a = client
+        .get("/orders?id=7", &[("traceparent", sampled)])
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = client.get("/orders", &[("traceparent", unsampled)]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    for b in &setup.backends {
+        b.app.status.store(503, Ordering::SeqCst);
+    }
+    let a = client.get("/orders", &[("traceparent", failing)]).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Spans leave in completion order: the unsampled one would come before the last.
+    let spans = spans_eventually(&received, 2).await;
+    let logs = setup.logs_eventually(3).await;
+    for (path, content_type, json) in received.lock().unwrap().iter() {
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(content_type, "application/json");
+        let resource = &json["resourceSpans"][0]["resource"];
+        for (key, value) in [
+            ("service.name", "ambit-waypoint"),
+            ("k8s.namespace.name", NS),
+            ("ambit.waypoint.name", "waypoint"),
+        ] {
+            assert_eq!(attribute(resource, key)["stringValue"], value, "{resource}");
+        }
+    }
+
+    let ok = &spans[0];
+    assert_eq!(ok["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(ok["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(ok["spanId"], logs[0].span_id.as_str());
+    // Named by the route that matched (the service's default one here).
+    assert_eq!(logs[0].route_name.as_deref(), Some("default/shop/payment"));
+    assert_eq!(ok["name"], "GET default/shop/payment");
+    assert_eq!(
+        attribute(ok, "ambit.route")["stringValue"],
+        "default/shop/payment"
+    );
+    assert_eq!(ok["kind"], 2);
+    let start: u64 = ok["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    let end: u64 = ok["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
+    assert!(start > 0 && end >= start, "{ok}");
+    assert!(ok.get("status").is_none(), "{ok}");
+    for (key, value) in [
+        ("http.request.method", "GET"),
+        ("url.path", "/orders"),
+        ("url.query", "id=7"),
+        ("server.address", "payment.shop.svc.cluster.local"),
+        (
+            "ambit.source.principal",
+            "cluster.local/ns/shop/sa/checkout",
+        ),
+        ("ambit.response_flags", "-"),
+    ] {
+        assert_eq!(attribute(ok, key)["stringValue"], value, "{key} in {ok}");
+    }
+    assert_eq!(
+        attribute(ok, "http.response.status_code")["intValue"],
+        "200"
+    );
+    let upstream = logs[0].upstream_host.unwrap().to_string();
+    assert_eq!(
+        attribute(ok, "ambit.upstream.host")["stringValue"],
+        upstream.as_str()
+    );
+    assert!(upstream.starts_with("10.244.1."), "{upstream}");
+    assert_eq!(
+        attribute(ok, "ambit.destination.principal")["stringValue"],
+        logs[0].destination_principal.as_str()
+    );
+    assert_ne!(logs[0].destination_principal, "unknown");
+
+    let failed = &spans[1];
+    assert_eq!(failed["traceId"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(failed["parentSpanId"], "b7ad6b7169203331");
+    assert_eq!(
+        attribute(failed, "http.response.status_code")["intValue"],
+        "503"
+    );
+    assert_eq!(failed["status"]["code"], 2, "{failed}");
+    assert!(
+        setup
+            .metrics()
+            .lines()
+            .any(|l| l == "ambit_waypoint_spans_exported_total 2"),
+        "{}",
+        setup.metrics()
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_or_absent_collector_never_holds_up_requests() {
+    // A collector that accepts connections (the backlog) but never answers: the
+    // first export hangs, one span waits in the queue, the rest are dropped.
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    let mut metrics = None;
+    let setup = Setup::start_with(vec![], "payment", |registry, t| {
+        let (e, m) = exporter(format!("http://{stuck_addr}/v1/traces"), registry, |c| {
+            c.queue = 1;
+            c.batch_size = 1;
+            c.timeout = Duration::from_secs(600);
+        });
+        metrics = Some(m);
+        t.with_otlp(e).with_trace_sampling(100.0)
+    })
+    .await;
+    let metrics = metrics.unwrap();
+    let mut client = setup.http1(HTTP_PORT).await;
+    for _ in 0..6 {
+        assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
+    }
+    setup.logs_eventually(6).await;
+    assert!(
+        metrics.dropped.get() >= 4,
+        "dropped {}",
+        metrics.dropped.get()
+    );
+    assert_eq!(metrics.exported.get(), 0);
+    assert!(
+        setup
+            .metrics()
+            .lines()
+            .any(|l| l.starts_with("ambit_waypoint_spans_dropped_total ")),
+        "{}",
+        setup.metrics()
+    );
+
+    // No collector at all: each export fails, is counted, and requests go on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let mut metrics = None;
+    let setup = Setup::start_with(vec![], "payment", |registry, t| {
+        let (e, m) = exporter(format!("http://{closed_addr}/v1/traces"), registry, |_| {});
+        metrics = Some(m);
+        t.with_otlp(e).with_trace_sampling(100.0)
+    })
+    .await;
+    let metrics = metrics.unwrap();
+    let mut client = setup.http1(HTTP_PORT).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
+    }
+    eventually_async(
+        "export failures counted",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            let (failed, dropped, failures) = (
+                metrics.failed.get(),
+                metrics.dropped.get(),
+                metrics.export_failures.get(),
+            );
+            async move {
+                anyhow::ensure!(
+                    failed + dropped == 3 && failures >= 1,
+                    "failed {failed}, dropped {dropped}, failed requests {failures}"
+                );
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(metrics.exported.get(), 0);
+    drop(stuck);
 }
