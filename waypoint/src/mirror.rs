@@ -25,7 +25,7 @@
 //!   detection of the mirror's cluster), with a context of its own so the original's
 //!   retries never avoid or count the mirror's endpoint. No retries.
 //! - **Isolation**: the mirror's response is read and discarded; neither it nor any
-//!   error reaches the client. At most [`MirrorOptions::max_in_flight`] mirrors
+//!   error reaches the client. At most [`MirrorOptions::limiter`] mirrors
 //!   ([`DEFAULT_MIRROR_MAX_IN_FLIGHT`]) are outstanding (copying, sending or
 //!   draining); beyond that the mirror is skipped (`outcome="overloaded"`), never
 //!   queued, so memory stays below `max_in_flight × body_limit` for bodies. Each is
