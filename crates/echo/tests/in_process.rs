@@ -603,8 +603,11 @@ async fn new_connection_opens_one_connection_per_request() {
     };
     let s = run(tcp(), true).await.unwrap();
     assert_eq!((s.ok, s.errors, s.connections), (20, 0, 20), "{s:?}");
+    // Reused: at most one connection per worker (a worker that finds the request
+    // budget spent before it starts never connects).
     let s = run(tcp(), false).await.unwrap();
-    assert_eq!((s.ok, s.errors, s.connections), (20, 0, 2), "{s:?}");
+    assert_eq!((s.ok, s.errors), (20, 0), "{s:?}");
+    assert!((1..=2).contains(&s.connections), "{s:?}");
     let http = LoadTarget::Http(spec(
         &server.url("/"),
         Protocol::Http1,
